@@ -1,0 +1,19 @@
+"""Denoisers by name. Importing this package registers every built-in model."""
+
+from locality.models.base import Denoiser, available_models, get_model_class, register_model
+from locality.models import analytical as _analytical  # noqa: F401  (registers)
+from locality.models import pca_locality as _pca_locality  # noqa: F401  (registers)
+from locality.models.analytical import NearestDatasetDenoiser, OptimalDenoiser, WienerDenoiser
+from locality.models.pca_locality import PcaLocalityDenoiser
+from locality.models import unet as _unet  # noqa: F401  (registers "unet")
+
+
+def build_model(name: str, images, stats, **params) -> Denoiser:
+    """Build a registered denoiser from training images [N, C, H, W] and their statistics."""
+    return get_model_class(name).from_data(images, stats, **params)
+
+
+__all__ = [
+    "Denoiser", "NearestDatasetDenoiser", "OptimalDenoiser", "PcaLocalityDenoiser",
+    "WienerDenoiser", "available_models", "build_model", "get_model_class", "register_model",
+]

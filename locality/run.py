@@ -1,0 +1,209 @@
+"""The run app: ``python -m locality.run [model=…] [dataset=…] [sampler.…=…] [hardware=…]``.
+
+Hydra composes conf/config.yaml; this module turns the config into plain values and explicit
+objects (device, MLflow run) and hands them to the math core. Outputs go to Hydra's run
+directory: config.yaml, samples/, grid.png, intermediates/, metrics.json, status.json, run.log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from locality.config import ConfigError, get_bool, get_choice, get_int, register_resolvers
+from locality.devices import DeviceUnavailableError, default_dtype_for, resolve_device
+from locality.images import save_grid, save_samples
+from locality.statistics import cached_statistics
+
+register_resolvers()
+log = logging.getLogger("locality.run")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+NEEDS_STATISTICS = {"wiener", "pca_locality"}
+
+
+class RunFailed(RuntimeError):
+    """Raised by the task function after the failure was logged and recorded."""
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    num_steps: int
+    num_samples: int
+    batch_size: int
+    seed: int
+    clip_x0: bool
+    save_intermediates: bool
+
+    @classmethod
+    def from_config(cls, node: Any) -> "SamplerSettings":
+        if node.get("name") != "ddim":
+            raise ConfigError(f"sampler.name must be ddim (the only sampler), got {node.get('name')!r}")
+        return cls(
+            num_steps=get_int(node, "num_steps", "sampler", minimum=1),
+            num_samples=get_int(node, "num_samples", "sampler", minimum=1),
+            batch_size=get_int(node, "batch_size", "sampler", minimum=1),
+            seed=get_int(node, "seed", "sampler", minimum=0),
+            clip_x0=get_bool(node, "clip_x0", "sampler"),
+            save_intermediates=get_bool(node, "save_intermediates", "sampler"),
+        )
+
+
+def model_params(node: Any, device: torch.device) -> tuple[str, dict[str, Any]]:
+    """cfg.model -> (name, keyword arguments of the model class); types checked here."""
+    params = OmegaConf.to_container(node, resolve=True)
+    name = params.pop("name")
+    if "dtype" in params:
+        dtype = DTYPES[get_choice(node, "dtype", "model", tuple(DTYPES))]
+        params["dtype"] = default_dtype_for(device, dtype)
+    if "chunk_size" in params:
+        get_int(node, "chunk_size", "model", minimum=1, optional=True)
+    for key in ("temperature", "mask_threshold"):
+        if key in params and (isinstance(params[key], bool) or not isinstance(params[key], (int, float))):
+            raise ConfigError(f"model.{key} must be a number, got {params[key]!r}")
+    params["device"] = device
+    return name, params
+
+
+def load_training_images(cfg: DictConfig) -> torch.Tensor:
+    from locality.data import load_dataset
+
+    ds = cfg.dataset
+    return load_dataset(
+        ds.name,
+        root=ds.root,
+        split=ds.split,
+        resolution=get_int(ds, "resolution", "dataset", minimum=1, optional=True),
+        subset_size=get_int(ds, "subset_size", "dataset", minimum=1, optional=True),
+        download=get_bool(ds, "download", "dataset"),
+        progress=bool(cfg.progress),
+    )
+
+
+def write_json_atomic(data: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, float]:
+    """Load data, fit statistics, build the model, sample, write outputs. Returns the metrics."""
+    from locality.models import build_model
+    from locality.pipeline import sample
+
+    sampler = SamplerSettings.from_config(cfg.sampler)
+    device = resolve_device(str(cfg.hardware.device))
+    name, params = model_params(cfg.model, device)
+    log.info("model=%s dataset=%s device=%s output=%s", name, cfg.dataset.name, device, out)
+
+    metrics: dict[str, float] = {}
+    start = time.perf_counter()
+    images = load_training_images(cfg)
+    metrics["dataset_load_time_s"] = time.perf_counter() - start
+    metrics["num_train_images"] = images.shape[0]
+    log.info("dataset %s/%s: %d images of shape %s", cfg.dataset.name, cfg.dataset.split,
+             images.shape[0], tuple(images.shape[1:]))
+
+    stats = None
+    if name in NEEDS_STATISTICS:
+        start = time.perf_counter()
+        stats, hit = cached_statistics(
+            images, cfg.paths.cache_dir, cfg.dataset.name, cfg.dataset.split,
+            images.shape[-1], cfg.dataset.subset_size, progress=bool(cfg.progress),
+        )
+        metrics["statistics_time_s"] = time.perf_counter() - start
+        tracked.set_tags({"statistics_cache": "hit" if hit else "fitted"})
+        log.info("statistics %s in %.2f s (%d dead pixels)", "loaded" if hit else "fitted",
+                 metrics["statistics_time_s"], int(stats.dead.sum()))
+
+    denoiser = build_model(name, images, stats, **params)
+    image_shape = tuple(images.shape[1:])
+    del images
+
+    result = sample(
+        denoiser, num_samples=sampler.num_samples, image_shape=image_shape,
+        num_steps=sampler.num_steps, seed=sampler.seed, batch_size=sampler.batch_size,
+        device=device, clip_x0=sampler.clip_x0, keep_trajectory=sampler.save_intermediates,
+        progress=bool(cfg.progress),
+    )
+    metrics["sampling_time_total_s"] = result.total_time_s
+    metrics["sampling_time_per_step_s"] = result.time_per_step_s
+    for i, (t, seconds) in enumerate(zip(result.timesteps, result.step_times_s)):
+        tracked.log_metrics({"sampling_time_step_s": seconds}, step=i)
+    log.info("sampled %d images in %.2f s (%.3f s per step)", sampler.num_samples,
+             result.total_time_s, result.time_per_step_s)
+
+    torch.save(result.samples, out / "samples.pt")
+    if cfg.output.save_samples:
+        save_samples(result.samples, out / "samples")
+    save_grid(result.samples, out / "grid.png", columns=int(cfg.output.grid_columns))
+    if sampler.save_intermediates:
+        for i, t in enumerate(result.timesteps):
+            save_grid(result.x_t[i], out / "intermediates" / "x_t" / f"step_{i:02d}_t{t:04d}.png")
+            save_grid(result.x0_pred[i], out / "intermediates" / "x0_pred" / f"step_{i:02d}_t{t:04d}.png")
+    return metrics
+
+
+def run(cfg: DictConfig, out: Path) -> dict[str, float]:
+    """One job: MLflow run around :func:`execute`; status.json says how it ended."""
+    from locality.tracking import TrackedRun, flatten
+
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    tr = cfg.tracking
+    tags = {"model": cfg.model.name, "dataset": cfg.dataset.name, "output_dir": str(out),
+            **OmegaConf.to_container(tr.tags, resolve=True)}
+    with TrackedRun(bool(tr.enabled), str(tr.uri), str(tr.experiment), str(tr.run_name),
+                    artifact_location=tr.artifact_location, tags=tags) as tracked:
+        try:
+            tracked.log_params(flatten(resolved))
+            metrics = execute(cfg, out, tracked)
+            write_json_atomic(metrics, out / "metrics.json")
+            tracked.log_metrics(metrics)
+            for item in ("grid.png", "metrics.json", "config.yaml", "samples", "intermediates"):
+                tracked.log_artifact(out / item, None if "." in item else item)
+        except BaseException as exc:
+            write_json_atomic({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                               "run_id": tracked.run_id}, out / "status.json")
+            raise
+        finally:
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            tracked.log_artifact(out / "run.log")
+        write_json_atomic({"status": "completed", "run_id": tracked.run_id}, out / "status.json")
+    return metrics
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DeviceUnavailableError, FileNotFoundError, ValueError)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    out = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = run(cfg, out)
+    except USER_ERRORS as exc:
+        log.debug("%s", traceback.format_exc())
+        log.error("%s", exc)
+        print(f"\nlocality.run failed: {exc}\n(outputs and log: {out})", file=sys.stderr)
+        raise SystemExit(2) from None
+    return metrics.get("sampling_time_total_s")
+
+
+if __name__ == "__main__":
+    main()
