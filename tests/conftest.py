@@ -1,0 +1,74 @@
+"""Shared fixtures: composed configs, the real Fashion-MNIST, the reference vectors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from locality.config import config_dir, register_resolvers
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def reference_dir() -> Path:
+    """../shared/reference beside the checkout (or $LOCALITY_REFERENCE_DIR)."""
+    env = os.environ.get("LOCALITY_REFERENCE_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "reference"
+
+
+def require_reference(name: str) -> Path:
+    path = reference_dir() / name
+    if not path.exists():
+        pytest.fail(
+            f"reference file {path} is missing: the tests need the project's shared/reference folder "
+            "beside the checkout, or LOCALITY_REFERENCE_DIR pointing at it"
+        )
+    return path
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config"):
+    """Compose a config like the app does (Hydra compose API, hydra node included)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=True)
+
+
+@pytest.fixture(scope="session")
+def fmnist_train() -> torch.Tensor:
+    """The real Fashion-MNIST training set [60000, 1, 28, 28] from Debian's package."""
+    from locality.data import load_dataset
+
+    if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"{FMNIST_DIR} is missing: install it with `apt-get install dataset-fashion-mnist`")
+    return load_dataset("fashion_mnist", root="/nonexistent", progress=False)
+
+
+@pytest.fixture(scope="session")
+def fmnist_crop16(fmnist_train) -> torch.Tensor:
+    """The reference vectors' training set: center 16×16 crop of the first 1000 images."""
+    return fmnist_train[:1000, :, 6:22, 6:22].contiguous()
+
+
+def run_app(args: list[str], tmp: Path, module: str = "locality.run", timeout: int = 300,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run an entry point in a subprocess with outputs, caches and MLflow under ``tmp``."""
+    base = [
+        f"paths.output_dir={tmp}/outputs",
+        f"paths.data_dir={tmp}/data",
+        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        "progress=false",
+    ]
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *base, *args], cwd=tmp, capture_output=True, text=True,
+        timeout=timeout, env=full_env,
+    )
