@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up locality in ./.venv: torch, the package with its test extras, and (as root, on Debian)
+# the Fashion-MNIST package that makes the default run work offline. Idempotent.
+#   bash scripts/setup.sh            # then: .venv/bin/python -m locality.run
+# Environment: PYTHON (interpreter for the venv, default python3),
+#              LOCALITY_TORCH (pip requirement for torch, default the pinned pair below).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${LOCALITY_TORCH:-"torch==2.14.1 torchvision==0.29.1"}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  echo "[setup] installing $TORCH_SPEC"
+  # shellcheck disable=SC2086
+  .venv/bin/python -m pip install -q $TORCH_SPEC
+fi
+echo "[setup] installing locality (editable) with its test extras"
+.venv/bin/python -m pip install -q -e '.[test]'
+
+fmnist=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -f "$fmnist" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian's dataset-fashion-mnist (the offline default dataset)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "[setup] note: $fmnist is absent; install Debian's dataset-fashion-mnist, or run with dataset.download=true"
+  fi
+fi
+echo "[setup] done: .venv/bin/python -m locality.run --help"
