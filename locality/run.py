@@ -2,7 +2,8 @@
 
 Hydra composes conf/config.yaml; this module turns the config into plain values and explicit
 objects (device, MLflow run) and hands them to the math core. Outputs go to Hydra's run
-directory: config.yaml, samples/, grid.png, intermediates/, metrics.json, status.json, run.log.
+directory: config.yaml, samples/, grid.png, intermediates/, comparison/ (vs the baseline UNet),
+metrics.json, status.json, run.log.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from locality.comparison import require_checkpoint
 from locality.config import ConfigError, get_bool, get_choice, get_int, register_resolvers
 from locality.devices import DeviceUnavailableError, default_dtype_for, resolve_device
 from locality.images import save_grid, save_samples
@@ -100,7 +102,7 @@ def write_json_atomic(data: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, float]:
+def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
     """Load data, fit statistics, build the model, sample, write outputs. Returns the metrics."""
     from locality.models import build_model
     from locality.pipeline import sample
@@ -130,15 +132,19 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, float]:
         log.info("statistics %s in %.2f s (%d dead pixels)", "loaded" if hit else "fitted",
                  metrics["statistics_time_s"], int(stats.dead.sum()))
 
+    if name == "unet":  # a clear error (where it looked, how to get one) before torch.load's
+        params["checkpoint"] = str(require_checkpoint(params["checkpoint"], cfg.dataset.name, cfg.paths.data_dir))
     denoiser = build_model(name, images, stats, **params)
     image_shape = tuple(images.shape[1:])
     del images
 
+    comparison = setup_comparison(cfg, name, params, image_shape, sampler, device)
     result = sample(
         denoiser, num_samples=sampler.num_samples, image_shape=image_shape,
         num_steps=sampler.num_steps, seed=sampler.seed, batch_size=sampler.batch_size,
         device=device, clip_x0=sampler.clip_x0, keep_trajectory=sampler.save_intermediates,
         progress=bool(cfg.progress),
+        on_step=comparison.on_step if comparison else None, noise=comparison.noise if comparison else None,
     )
     metrics["sampling_time_total_s"] = result.total_time_s
     metrics["sampling_time_per_step_s"] = result.time_per_step_s
@@ -155,7 +161,40 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, float]:
         for i, t in enumerate(result.timesteps):
             save_grid(result.x_t[i], out / "intermediates" / "x_t" / f"step_{i:02d}_t{t:04d}.png")
             save_grid(result.x0_pred[i], out / "intermediates" / "x0_pred" / f"step_{i:02d}_t{t:04d}.png")
+    if comparison is not None:
+        comparison.log_steps(tracked.log_metrics)
+        comparison.save_grids(out / "comparison")
+        metrics.update(comparison.metrics())
+        log.info("vs UNet at the last step: R² %.4f, MSE %.5f (trajectory); R² %.4f, MSE %.5f (single step)",
+                 metrics["r2_vs_unet_final"], metrics["mse_vs_unet_final"],
+                 metrics["r2_vs_unet_single_final"], metrics["mse_vs_unet_single_final"])
     return metrics
+
+
+def setup_comparison(cfg: DictConfig, name: str, params: dict[str, Any], image_shape: tuple[int, ...],
+                     sampler: SamplerSettings, device: torch.device):
+    """The baseline UNet comparison of this run (config ``baseline.*``), or None when disabled."""
+    from locality.comparison import UNetComparison, default_checkpoint_path, resolve_baseline_checkpoint
+    from locality.models.unet import UNetDenoiser
+    from locality.sampler import initial_noise
+    from locality.schedule import ddim_timesteps
+
+    node = cfg.get("baseline")
+    value = node.get("checkpoint") if node is not None else None
+    path, notice = resolve_baseline_checkpoint(
+        value, default_checkpoint_path(cfg.paths.model_dir, cfg.dataset.name), cfg.dataset.name, cfg.paths.data_dir)
+    if path is None:
+        log.info("%s", notice)
+        return None
+    if name == "unet" and Path(params["checkpoint"]).resolve() == path.resolve():
+        log.info("model=unet is the baseline checkpoint %s itself: no comparison with the UNet", path)
+        return None
+    log.info("%s", notice)
+    unet = UNetDenoiser.from_checkpoint(path, image_shape=image_shape, device=device,
+                                        setting=node.get("setting"))
+    noise = initial_noise((sampler.num_samples, *image_shape), torch.Generator().manual_seed(sampler.seed))
+    return UNetComparison(unet, noise, ddim_timesteps(sampler.num_steps), clip_x0=sampler.clip_x0,
+                          grid_images=get_int(node, "grid_images", "baseline", minimum=0))
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, float]:
@@ -174,8 +213,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, float]:
             tracked.log_params(flatten(resolved))
             metrics = execute(cfg, out, tracked)
             write_json_atomic(metrics, out / "metrics.json")
-            tracked.log_metrics(metrics)
-            for item in ("grid.png", "metrics.json", "config.yaml", "samples", "intermediates"):
+            tracked.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            for item in ("grid.png", "metrics.json", "config.yaml", "samples", "intermediates", "comparison"):
                 tracked.log_artifact(out / item, None if "." in item else item)
         except BaseException as exc:
             write_json_atomic({"status": "failed", "error": f"{type(exc).__name__}: {exc}",

@@ -1,0 +1,203 @@
+"""The training app: ``python -m locality.train [dataset=…] [train=default|quick_cpu] [train.key=value …]``.
+
+Hydra composes conf/train.yaml (the paths, dataset and hardware groups of the run app plus the
+``train`` group); this module turns it into plain values and calls
+:func:`locality.unet.training.train_unet`. Checkpoints in the published format
+(``model_state_dict`` = EMA weights, plus ``unet_config`` and the training state) go to
+``train.checkpoint_dir`` (default ``${paths.model_dir}/baseline_unet/<dataset>/``, where the run
+app's ``model=unet`` and ``baseline.checkpoint=auto`` look for ``ckpt_epoch_200.pt``).
+
+MLflow (``tracking.*``): the resolved config as params, ``train/loss`` every ``train.log_every``
+steps, ``epoch/loss`` per epoch, a sample grid (DDIM, EMA weights) at every checkpoint. The Hydra
+run directory holds config.yaml, samples/epoch_<E>.png, metrics.json, status.json and train.log.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from locality.config import ConfigError, get_bool, get_float, get_int, register_resolvers
+from locality.devices import DeviceUnavailableError, resolve_device
+
+register_resolvers()
+log = logging.getLogger("locality.train")
+
+WEIGHTS_DTYPES = {"float32": None, "float16": torch.float16}
+
+
+def unet_architecture(node: Any, dataset: str, channels: int) -> str | dict[str, Any]:
+    """``train.unet`` -> a setting name or UNet constructor kwargs.
+
+    ``auto``: the dataset's published setting. A mapping gets ``in_channels``/``out_channels``
+    from the dataset when it does not set them.
+    """
+    from locality.unet.network import DATASET_SETTINGS, SETTINGS
+
+    value = node.get("unet")
+    if isinstance(value, DictConfig):
+        kwargs = OmegaConf.to_container(value, resolve=True)
+        kwargs.setdefault("in_channels", channels)
+        kwargs.setdefault("out_channels", channels)
+        return kwargs
+    if value in (None, "auto"):
+        if dataset not in DATASET_SETTINGS:
+            raise ConfigError(
+                f"no published UNet setting for dataset {dataset!r}; set train.unet to a setting "
+                f"({', '.join(SETTINGS)}) or to a mapping of UNet kwargs"
+            )
+        return DATASET_SETTINGS[dataset]
+    if value not in SETTINGS:
+        raise ConfigError(f"train.unet must be auto, one of {', '.join(SETTINGS)} or a mapping, got {value!r}")
+    return str(value)
+
+
+def load_images(cfg: DictConfig) -> torch.Tensor:
+    from locality.data import load_dataset
+
+    ds = cfg.dataset
+    return load_dataset(
+        ds.name, root=ds.root, split=ds.split,
+        resolution=get_int(ds, "resolution", "dataset", minimum=1, optional=True),
+        subset_size=get_int(cfg.train, "subset_size", "train", minimum=1, optional=True),
+        download=get_bool(ds, "download", "dataset"), progress=bool(cfg.progress),
+    )
+
+
+def make_sample_fn(out: Path, tracked, node: Any, image_shape: tuple[int, ...], device: torch.device):
+    """The checkpoint hook: a DDIM sample grid of the EMA net -> samples/epoch_<E>.png + MLflow."""
+    from locality.images import save_grid
+    from locality.models.unet import UNetDenoiser
+    from locality.pipeline import sample
+
+    num_samples = get_int(node, "num_samples", "train.samples", minimum=0)
+    num_steps = get_int(node, "num_steps", "train.samples", minimum=1)
+    seed = get_int(node, "seed", "train.samples", minimum=0)
+
+    def sample_fn(ema, epoch: int, step: int) -> None:
+        if num_samples == 0:
+            return
+        result = sample(UNetDenoiser(ema), num_samples=num_samples, image_shape=image_shape,
+                        num_steps=num_steps, seed=seed, batch_size=num_samples, device=device)
+        path = save_grid(result.samples, out / "samples" / f"epoch_{epoch:04d}_step_{step}.png",
+                         columns=min(8, num_samples))
+        tracked.log_artifact(path, "samples")
+
+    return sample_fn
+
+
+def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
+    from locality.unet.training import train_unet
+
+    t = cfg.train
+    device = resolve_device(str(cfg.hardware.device))
+    start = time.perf_counter()
+    images = load_images(cfg)
+    N, C, H, W = images.shape
+    log.info("dataset %s/%s: %d images of shape %s (%.1f s)", cfg.dataset.name, cfg.dataset.split, N,
+             (C, H, W), time.perf_counter() - start)
+    setting = unet_architecture(t, str(cfg.dataset.name), C)
+    weights = str(t.get("weights_dtype"))
+    if weights not in WEIGHTS_DTYPES:
+        raise ConfigError(f"train.weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights!r}")
+    grad_clip = t.get("grad_clip")
+    ckpt_dir = Path(str(t.checkpoint_dir)).expanduser()
+    log.info("training UNet %s on %s for %s epochs (batch %s) -> %s", setting, device, t.epochs, t.batch_size, ckpt_dir)
+    tracked.set_tags({"checkpoint_dir": str(ckpt_dir), "unet": str(setting)})
+
+    start = time.perf_counter()
+    result = train_unet(
+        images, setting,
+        epochs=get_int(t, "epochs", "train", minimum=1),
+        batch_size=get_int(t, "batch_size", "train", minimum=1),
+        lr=get_float(t, "lr", "train", low=0.0, low_open=True),
+        ema_decay=get_float(t, "ema_decay", "train", low=0.0, high=1.0),
+        grad_clip=None if grad_clip is None else get_float(t, "grad_clip", "train", low=0.0, low_open=True),
+        warmup_steps=get_int(t, "warmup_steps", "train", minimum=0),
+        device=device,
+        seed=get_int(t, "seed", "train", minimum=0),
+        checkpoint_dir=ckpt_dir,
+        checkpoint_every=get_int(t, "checkpoint_every", "train", minimum=1),
+        resume=get_bool(t, "resume", "train"),
+        log_fn=lambda metrics, step: tracked.log_metrics(metrics, step=step),
+        log_every=get_int(t, "log_every", "train", minimum=1),
+        sample_fn=make_sample_fn(out, tracked, t.samples, (C, H, W), device),
+        progress=bool(cfg.progress),
+        max_steps=get_int(t, "max_steps", "train", minimum=1, optional=True),
+        weights_dtype=WEIGHTS_DTYPES[weights],
+    )
+    seconds = time.perf_counter() - start
+    if result.resumed_from is not None:
+        log.info("resumed from %s", result.resumed_from)
+    last = ckpt_dir / "last.pt"
+    log.info("trained to epoch %d, step %d (loss %.4f) in %.1f s; checkpoints: %s", result.epoch, result.step,
+             result.last_loss, seconds, ", ".join(str(p) for p in result.checkpoints) or str(last))
+    return {
+        "final_loss": result.last_loss, "epochs_completed": result.epoch, "steps": result.step,
+        "train_time_s": seconds, "num_train_images": N,
+        "checkpoints": [str(p) for p in result.checkpoints],
+        "last_checkpoint": str(last) if last.exists() else None,
+        "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+    }
+
+
+def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """One training job in an MLflow run; metrics.json and status.json in ``out``."""
+    from locality.run import write_json_atomic
+    from locality.tracking import TrackedRun, flatten
+
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    tr = cfg.tracking
+    tags = {"app": "train", "dataset": cfg.dataset.name, "output_dir": str(out),
+            **OmegaConf.to_container(tr.tags, resolve=True)}
+    with TrackedRun(bool(tr.enabled), str(tr.uri), str(tr.experiment), str(tr.run_name),
+                    artifact_location=tr.artifact_location, tags=tags) as tracked:
+        try:
+            tracked.log_params(flatten(resolved))
+            metrics = execute(cfg, out, tracked)
+            write_json_atomic(metrics, out / "metrics.json")
+            tracked.log_metrics({k: v for k, v in metrics.items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            for item in ("metrics.json", "config.yaml"):
+                tracked.log_artifact(out / item)
+        except BaseException as exc:
+            write_json_atomic({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                               "run_id": tracked.run_id}, out / "status.json")
+            raise
+        finally:
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            tracked.log_artifact(out / "train.log")
+        write_json_atomic({"status": "completed", "run_id": tracked.run_id}, out / "status.json")
+    return metrics
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DeviceUnavailableError, FileNotFoundError, ValueError)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    out = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = run(cfg, out)
+    except USER_ERRORS as exc:
+        log.debug("%s", traceback.format_exc())
+        log.error("%s", exc)
+        print(f"\nlocality.train failed: {exc}\n(outputs and log: {out})", file=sys.stderr)
+        raise SystemExit(2) from None
+    return metrics.get("final_loss")
+
+
+if __name__ == "__main__":
+    main()
