@@ -22,6 +22,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from locality.comparison import require_checkpoint
@@ -197,8 +198,9 @@ def setup_comparison(cfg: DictConfig, name: str, params: dict[str, Any], image_s
                           grid_images=get_int(node, "grid_images", "baseline", minimum=0))
 
 
-def run(cfg: DictConfig, out: Path) -> dict[str, float]:
-    """One job: MLflow run around :func:`execute`; status.json says how it ended."""
+def run(cfg: DictConfig, out: Path, parent_run_id: str | None = None) -> dict[str, float]:
+    """One job: MLflow run around :func:`execute` (a child of ``parent_run_id`` in a sweep);
+    status.json says how it ended."""
     from locality.tracking import TrackedRun, flatten
 
     out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +210,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, float]:
     tags = {"model": cfg.model.name, "dataset": cfg.dataset.name, "output_dir": str(out),
             **OmegaConf.to_container(tr.tags, resolve=True)}
     with TrackedRun(bool(tr.enabled), str(tr.uri), str(tr.experiment), str(tr.run_name),
-                    artifact_location=tr.artifact_location, tags=tags) as tracked:
+                    artifact_location=tr.artifact_location, tags=tags,
+                    parent_run_id=parent_run_id) as tracked:
         try:
             tracked.log_params(flatten(resolved))
             metrics = execute(cfg, out, tracked)
@@ -233,12 +236,35 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DeviceUnavailableEr
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    out = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    out = Path(hydra_cfg.runtime.output_dir)
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    parent_run_id = None
+    if in_sweep:
+        from locality.sweep import cell_status, find_parent_run
+
+        previous = cell_status(out)
+        if cfg.sweep.skip_completed and previous and previous.get("status") == "completed":
+            log.info("sweep.skip_completed: %s already completed (MLflow run %s), skipped",
+                     out.name, previous.get("run_id"))
+            return None
+        if cfg.tracking.enabled:
+            parent_run_id = find_parent_run(str(cfg.tracking.uri), str(cfg.tracking.experiment), out.parent)
     try:
-        metrics = run(cfg, out)
-    except USER_ERRORS as exc:
+        metrics = run(cfg, out, parent_run_id)
+    except Exception as exc:
+        # In a sweep, a failed cell is recorded (status.json, MLflow FAILED) and the other cells
+        # go on; the sweep's end names the failed cells and exits non-zero.
+        user_error = isinstance(exc, USER_ERRORS)
         log.debug("%s", traceback.format_exc())
-        log.error("%s", exc)
+        if user_error:
+            log.error("%s", exc)
+        else:
+            log.exception("run failed")
+        if in_sweep:
+            return None
+        if not user_error:
+            raise
         print(f"\nlocality.run failed: {exc}\n(outputs and log: {out})", file=sys.stderr)
         raise SystemExit(2) from None
     return metrics.get("sampling_time_total_s")

@@ -8,12 +8,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import mlflow
-from mlflow.entities import RunStatus
-from mlflow.tracking import MlflowClient
+# MLflow 3.17's telemetry thread, failing to reach the internet, intermittently breaks the
+# client's requests on offline nodes; an explicit MLFLOW_DISABLE_TELEMETRY=false still wins.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow.entities import RunStatus  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +38,9 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _artifact_uri(location: str | None) -> str | None:
-    if not location:
+def _artifact_uri(location: str | None, tracking_uri: str) -> str | None:
+    """A file URI for a local store; None (the server decides) for a tracking server."""
+    if not location or tracking_uri.startswith(("http://", "https://", "databricks")):
         return None
     if "://" in location:
         return location
@@ -51,7 +57,7 @@ def prepare_store(uri: str, experiment: str, artifact_location: str | None = Non
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(experiment, artifact_location=_artifact_uri(artifact_location))
+        return client.create_experiment(experiment, artifact_location=_artifact_uri(artifact_location, uri))
     except mlflow.exceptions.MlflowException:
         found = client.get_experiment_by_name(experiment)  # created by a concurrent job
         if found is None:

@@ -68,7 +68,9 @@ def run_app(args: list[str], tmp: Path, module: str = "locality.run", timeout: i
         "progress=false",
     ]
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    flags = [a for a in args if a.startswith("--")]  # Hydra's flags go before the overrides
+    overrides = [a for a in args if not a.startswith("--")]
     return subprocess.run(
-        [sys.executable, "-m", module, *base, *args], cwd=tmp, capture_output=True, text=True,
+        [sys.executable, "-m", module, *flags, *base, *overrides], cwd=tmp, capture_output=True, text=True,
         timeout=timeout, env=full_env,
     )
