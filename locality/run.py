@@ -8,13 +8,8 @@ metrics.json, status.json, run.log.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import sys
-import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from locality.comparison import require_checkpoint
 from locality.config import ConfigError, get_bool, get_choice, get_int, register_resolvers
-from locality.devices import DeviceUnavailableError, default_dtype_for, resolve_device
+from locality.devices import default_dtype_for, resolve_device
 from locality.images import save_grid, save_samples
+from locality.jobs import USER_ERRORS, exit_for_user_error, run_tracked_job
 from locality.statistics import cached_statistics
 
 register_resolvers()
@@ -94,13 +90,6 @@ def load_training_images(cfg: DictConfig) -> torch.Tensor:
         download=get_bool(ds, "download", "dataset"),
         progress=bool(cfg.progress),
     )
-
-
-def write_json_atomic(data: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
@@ -198,40 +187,14 @@ def setup_comparison(cfg: DictConfig, name: str, params: dict[str, Any], image_s
                           grid_images=get_int(node, "grid_images", "baseline", minimum=0))
 
 
-def run(cfg: DictConfig, out: Path, parent_run_id: str | None = None) -> dict[str, float]:
+def run(cfg: DictConfig, out: Path, parent_run_id: str | None = None) -> dict[str, Any]:
     """One job: MLflow run around :func:`execute` (a child of ``parent_run_id`` in a sweep);
     status.json says how it ended."""
-    from locality.tracking import TrackedRun, flatten
-
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    tr = cfg.tracking
-    tags = {"model": cfg.model.name, "dataset": cfg.dataset.name, "output_dir": str(out),
-            **OmegaConf.to_container(tr.tags, resolve=True)}
-    with TrackedRun(bool(tr.enabled), str(tr.uri), str(tr.experiment), str(tr.run_name),
-                    artifact_location=tr.artifact_location, tags=tags,
-                    parent_run_id=parent_run_id) as tracked:
-        try:
-            tracked.log_params(flatten(resolved))
-            metrics = execute(cfg, out, tracked)
-            write_json_atomic(metrics, out / "metrics.json")
-            tracked.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            for item in ("grid.png", "metrics.json", "config.yaml", "samples", "intermediates", "comparison"):
-                tracked.log_artifact(out / item, None if "." in item else item)
-        except BaseException as exc:
-            write_json_atomic({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                               "run_id": tracked.run_id}, out / "status.json")
-            raise
-        finally:
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            tracked.log_artifact(out / "run.log")
-        write_json_atomic({"status": "completed", "run_id": tracked.run_id}, out / "status.json")
-    return metrics
-
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DeviceUnavailableError, FileNotFoundError, ValueError)
+    return run_tracked_job(
+        cfg, out, execute, tags={"model": cfg.model.name, "dataset": cfg.dataset.name},
+        artifacts=("grid.png", "metrics.json", "config.yaml", "samples", "intermediates", "comparison"),
+        log_file="run.log", parent_run_id=parent_run_id,
+    )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -255,18 +218,12 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as exc:
         # In a sweep, a failed cell is recorded (status.json, MLflow FAILED) and the other cells
         # go on; the sweep's end names the failed cells and exits non-zero.
-        user_error = isinstance(exc, USER_ERRORS)
-        log.debug("%s", traceback.format_exc())
-        if user_error:
-            log.error("%s", exc)
-        else:
-            log.exception("run failed")
-        if in_sweep:
-            return None
-        if not user_error:
+        if not in_sweep and isinstance(exc, USER_ERRORS):
+            exit_for_user_error("locality.run", exc, out)
+        if not in_sweep:
             raise
-        print(f"\nlocality.run failed: {exc}\n(outputs and log: {out})", file=sys.stderr)
-        raise SystemExit(2) from None
+        log.error("cell failed: %s", exc, exc_info=not isinstance(exc, USER_ERRORS))
+        return None
     return metrics.get("sampling_time_total_s")
 
 

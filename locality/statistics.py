@@ -26,12 +26,12 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from locality.atomic import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +183,6 @@ def _payload_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def save_statistics(stats: DataStatistics, path: str | Path) -> None:
     """Write atomically (temporary file in the same folder, then rename) with a checksum."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         "mean": stats.mean,
         "eigenvalues": stats.eigenvalues,
@@ -199,16 +197,7 @@ def save_statistics(stats: DataStatistics, path: str | Path) -> None:
         "fingerprint": stats.fingerprint,
         "digest": _payload_digest(tensors),
     }
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(payload, path)
 
 
 class CorruptCacheError(ValueError):

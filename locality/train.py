@@ -15,9 +15,7 @@ run directory holds config.yaml, samples/epoch_<E>.png, metrics.json, status.jso
 from __future__ import annotations
 
 import logging
-import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from locality.config import ConfigError, get_bool, get_float, get_int, register_resolvers
-from locality.devices import DeviceUnavailableError, resolve_device
+from locality.devices import resolve_device
+from locality.jobs import USER_ERRORS, exit_for_user_error, run_tracked_job
 
 register_resolvers()
 log = logging.getLogger("locality.train")
@@ -152,38 +151,8 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """One training job in an MLflow run; metrics.json and status.json in ``out``."""
-    from locality.run import write_json_atomic
-    from locality.tracking import TrackedRun, flatten
-
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    tr = cfg.tracking
-    tags = {"app": "train", "dataset": cfg.dataset.name, "output_dir": str(out),
-            **OmegaConf.to_container(tr.tags, resolve=True)}
-    with TrackedRun(bool(tr.enabled), str(tr.uri), str(tr.experiment), str(tr.run_name),
-                    artifact_location=tr.artifact_location, tags=tags) as tracked:
-        try:
-            tracked.log_params(flatten(resolved))
-            metrics = execute(cfg, out, tracked)
-            write_json_atomic(metrics, out / "metrics.json")
-            tracked.log_metrics({k: v for k, v in metrics.items()
-                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            for item in ("metrics.json", "config.yaml"):
-                tracked.log_artifact(out / item)
-        except BaseException as exc:
-            write_json_atomic({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                               "run_id": tracked.run_id}, out / "status.json")
-            raise
-        finally:
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            tracked.log_artifact(out / "train.log")
-        write_json_atomic({"status": "completed", "run_id": tracked.run_id}, out / "status.json")
-    return metrics
-
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DeviceUnavailableError, FileNotFoundError, ValueError)
+    return run_tracked_job(cfg, out, execute, tags={"app": "train", "dataset": cfg.dataset.name},
+                           artifacts=("metrics.json", "config.yaml"), log_file="train.log")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -192,10 +161,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg, out)
     except USER_ERRORS as exc:
-        log.debug("%s", traceback.format_exc())
-        log.error("%s", exc)
-        print(f"\nlocality.train failed: {exc}\n(outputs and log: {out})", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_for_user_error("locality.train", exc, out)
     return metrics.get("final_loss")
 
 

@@ -19,7 +19,6 @@ Key prefixes ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) a
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,6 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from locality.atomic import atomic_torch_save  # noqa: F401  (re-exported)
 from locality.unet.network import SETTINGS, UNet, get_setting, infer_constructor
 
 #: Keys that may hold the weights inside a checkpoint dict, most preferred first.
@@ -193,25 +193,6 @@ def load_unet_checkpoint(
     check_state_dict(model, sd, name, source)
     model.load_state_dict(sd, strict=True)
     return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the target folder, then ``os.replace``: a crash never
-    leaves a truncated checkpoint behind under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_unet_checkpoint(

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from locality.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod
+from locality.schedule import alphas_cumprod
 from locality.unet.checkpoint import (
     CheckpointMismatchError,
     check_state_dict,
