@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from locality.models.base import Denoiser, register_model
+from locality.models.memory import chunk_rows
 from locality.models.softmax import OnlineSoftmaxAverage
 from locality.statistics import DataStatistics
 
@@ -61,14 +62,13 @@ class _DatasetDenoiser(Denoiser):
             raise ValueError(f"chunk_size must be a positive integer or null, got {chunk_size}")
         self.chunk_size = chunk_size
 
-    def chunks(self, batch: int, values_per_image: int):
-        """Yield slices of the dataset sized to keep [batch, chunk, values] ≤ ~64 MiB
-        (or the explicit ``chunk_size``)."""
+    def chunks(self, batch: int, values_per_image: int, itemsize: int | None = None):
+        """Yield slices [K, n] of the dataset. K = ``chunk_size`` if given, else sized so that
+        the working set (``values_per_image`` elements of ``itemsize`` bytes per image, e.g.
+        [batch, K, n] intermediates) fits the device's memory budget (:mod:`.memory`)."""
         num = self.images.shape[0]
-        size = self.chunk_size
-        if size is None:
-            budget = 64 * 2**20 // self.images.element_size()
-            size = max(1, budget // max(1, batch * values_per_image))
+        itemsize = itemsize or self.images.element_size()
+        size = chunk_rows(values_per_image * itemsize, self.device, self.chunk_size, total=num)
         for start in range(0, num, size):
             yield self.images[start : start + size]
 
@@ -76,7 +76,15 @@ class _DatasetDenoiser(Denoiser):
 @register_model("optimal")
 class OptimalDenoiser(_DatasetDenoiser):
     """Posterior mean under the empirical distribution, exact over all N images:
-    w_k ∝ exp(-‖x_t - sqrt(ᾱ) y_k‖² / (2(1-ᾱ)τ)), x̂0 = Σ_k w_k y_k."""
+    w_k ∝ exp(-‖x_t - sqrt(ᾱ) y_k‖² / (2(1-ᾱ)τ)), x̂0 = Σ_k w_k y_k.
+
+    Expanded form: ‖x - a y_k‖² = ‖x‖² - 2a x·y_k + a²‖y_k‖²; ‖x‖² is the same for every k and
+    cancels in the softmax, ‖y_k‖² is computed once (float64) at construction, so a step is two
+    GEMMs per chunk ([B, n] @ [n, K] for the logits, [B, K] @ [K, n] for the average). The
+    GEMMs run in float64 whenever the float32 rounding bound u·s·(2a|x|·|y| + a²|y|²) exceeds
+    LOGIT_TOLERANCE (always at t ≈ 0, where s = 1/(2(1-ᾱ)τ) reaches 5000): the expanded form
+    cancels there, float64 keeps it ~1e-10 in the logits.
+    """
 
     name = "optimal"
 
@@ -85,21 +93,42 @@ class OptimalDenoiser(_DatasetDenoiser):
         if not temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
+        sq = [ys.double().square().sum(1) for ys in self.images.split(8192)]
+        self.sq_norms = torch.cat(sq) if sq else torch.zeros(0, dtype=torch.float64, device=self.device)
+        self.y_norm_max = float(self.sq_norms.max().sqrt()) if len(self.sq_norms) else 0.0
+        self.last_dtype: torch.dtype | None = None
 
     @classmethod
     def from_data(cls, images: torch.Tensor, stats: DataStatistics, **params) -> "OptimalDenoiser":
         return cls(images, **params)
 
+    def _compute_dtype(self, x64: torch.Tensor, abar: float, scale: float) -> torch.dtype:
+        if self.dtype == torch.float64:
+            return torch.float64
+        from locality.models.fast_masked import LOGIT_TOLERANCE
+
+        a = abar**0.5
+        xn = float(x64.norm(dim=1).max())
+        bound = torch.finfo(self.dtype).eps * scale * (2 * a * xn * self.y_norm_max + abar * self.y_norm_max**2)
+        return self.dtype if bound * x64.shape[1] ** 0.5 <= LOGIT_TOLERANCE else torch.float64
+
     def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         abar = self.alpha_bar(t)
-        x = _flat(x_t).to(self.device, self.dtype)
+        a = abar**0.5
+        x64 = _flat(x_t).to(self.device, torch.float64)
         scale = 1.0 / (2.0 * (1.0 - abar) * self.temperature)
+        cdt = self._compute_dtype(x64, abar, scale)
+        self.last_dtype = cdt
+        x = (x64 * (2.0 * a * scale)).to(cdt)  # [B, n]: the logit's factor folded in
         acc = OnlineSoftmaxAverage()
-        n = x.shape[1]
-        for ys in self.chunks(x.shape[0], n):
-            # direct differences, not an expanded ‖x‖² - 2x·y + ‖y‖²: no cancellation at t ≈ 0
-            dist = (x.unsqueeze(1) - abar**0.5 * ys.unsqueeze(0)).square().sum(-1)  # [B, K]
-            acc.update(-dist * scale, ys)
+        start = 0
+        item = torch.tensor([], dtype=cdt).element_size()
+        for ys in self.chunks(x.shape[0], x.shape[1] + 2 * x.shape[0], item):
+            y = ys.to(cdt)
+            logits = (x @ y.T).double()  # [B, K]
+            logits -= (a * a * scale) * self.sq_norms[start : start + len(ys)]
+            acc.update(logits.to(cdt), y, inplace=True)
+            start += len(ys)
         return acc.result().to(x_t.dtype).reshape(x_t.shape)
 
 

@@ -1,0 +1,173 @@
+"""Every path of the fast pca_locality / optimal kernels against an independent float64 brute
+force of the SPEC formula, on small data with masks forced into each regime. No timing asserts."""
+
+from __future__ import annotations
+
+import gzip
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from locality.models import build_model
+from locality.models.fast_masked import plan_mask
+from locality.models.masks import locality_mask
+from locality.models.memory import available_memory, chunk_rows, memory_budget
+from locality.schedule import alpha_bar
+from locality.statistics import fit_statistics
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+def brute_pca(x, t, images, stats, threshold, tau=1.0):
+    """Loops over outputs m: logit_k(m) = -Σ_n M[n,m](x[n] - a y_k[n])² / (2(1-ᾱ)τ), float64."""
+    abar = float(alpha_bar(t))
+    mask = locality_mask(stats, abar, threshold)
+    y = images.reshape(len(images), -1).double()
+    x = x.reshape(len(x), -1).double()
+    out = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        sq = (x[b] - math.sqrt(abar) * y) ** 2  # [N, n]
+        for m in range(x.shape[1]):
+            logit = -(sq * mask[:, m]).sum(1) / (2 * (1 - abar) * tau)
+            out[b, m] = (torch.softmax(logit, 0) * y[:, m]).sum()
+    return out
+
+
+def brute_optimal(x, t, images, tau=1.0):
+    abar = float(alpha_bar(t))
+    y = images.reshape(len(images), -1).double()
+    x = x.reshape(len(x), -1).double()
+    d = ((x.unsqueeze(1) - math.sqrt(abar) * y.unsqueeze(0)) ** 2).sum(-1)
+    return torch.softmax(-d / (2 * (1 - abar) * tau), 1) @ y
+
+
+def _data(seed=0, num=60, side=6):
+    """Smooth-ish synthetic images in [-1, 1] (a local covariance, so masks are local)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(num, 1, side + 2, side + 2, generator=g)
+    img = (z[..., :-2, :-2] + z[..., 1:-1, 1:-1] + z[..., 2:, 2:]) / 3
+    return img.clamp(-1, 1).float()
+
+
+def _noisy(images, t, count=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    abar = float(alpha_bar(t))
+    x0 = images[:count]
+    return (math.sqrt(abar) * x0 + math.sqrt(1 - abar) * torch.randn(x0.shape, generator=g)).float()
+
+
+@pytest.fixture(scope="module")
+def synth():
+    images = _data()
+    return images, fit_statistics(images, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fmnist_crop():
+    if not FMNIST.exists():
+        pytest.skip("Debian Fashion-MNIST not installed")
+    with gzip.open(FMNIST) as f:
+        raw = f.read()
+    a = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)[:120, :, 8:16, 8:16]
+    images = (torch.from_numpy(a.copy()).float() / 255 - 0.5) / 0.5
+    return images, fit_statistics(images, progress=False)
+
+
+# timestep, threshold -> the regime the plan must pick on the synthetic data
+REGIMES = [(900, 0.005, "dense"), (500, 0.05, "dense"), (0, 0.3, "sparse"), (0, 0.9, "sparse"),
+           (600, 0.0, "dense")]
+
+
+@pytest.mark.parametrize("t,threshold,strategy", REGIMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [1, 7, 256, None])
+def test_pca_paths_match_brute_force(synth, t, threshold, strategy, dtype, chunk):
+    images, stats = synth
+    model = build_model("pca_locality", images, stats, mask_threshold=threshold, dtype=dtype,
+                        chunk_size=chunk)
+    assert model.plan(t).strategy == strategy
+    x = _noisy(images, t)
+    got = model(x, t).double().reshape(len(x), -1)
+    want = brute_pca(x, t, images, stats, threshold)
+    assert (got - want).abs().max() < 1e-4
+    used, cdt = model.last_strategy
+    assert used == strategy
+    if dtype == torch.float64 or strategy == "sparse":
+        assert cdt == torch.float64
+
+
+def test_chunk_size_equal_to_n_and_independence(synth):
+    images, stats = synth
+    x = _noisy(images, 300)
+    outs = [build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float64,
+                        chunk_size=c)(x, 300) for c in (1, 7, len(images))]
+    for o in outs[1:]:
+        assert (o - outs[0]).abs().max() < 1e-10
+
+
+def test_low_noise_float32_falls_back_to_float64(synth):
+    """t = 0 with a dense mask (θ = 0): the float32 bound fails, the step runs in float64."""
+    images, stats = synth
+    model = build_model("pca_locality", images, stats, mask_threshold=0.0, dtype=torch.float32)
+    x = _noisy(images, 0)
+    got = model(x, 0).double().reshape(len(x), -1)
+    assert model.last_strategy == ("dense", torch.float64)
+    assert (got - brute_pca(x, 0, images, stats, 0.0)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("t", [900, 400, 100, 0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pca_on_real_fmnist_crop(fmnist_crop, t, dtype):
+    images, stats = fmnist_crop
+    for threshold in (0.005, 0.05):
+        model = build_model("pca_locality", images, stats, mask_threshold=threshold, dtype=dtype,
+                            chunk_size=7)
+        x = _noisy(images, t, count=2)
+        got = model(x, t).double().reshape(len(x), -1)
+        assert (got - brute_pca(x, t, images, stats, threshold)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("t", [900, 300, 0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [1, 7, 256, None])
+def test_optimal_matches_brute_force(synth, t, dtype, chunk):
+    images, _ = synth
+    model = build_model("optimal", images, None, dtype=dtype, chunk_size=chunk)
+    x = _noisy(images, t)
+    got = model(x, t).double().reshape(len(x), -1)
+    tol = 1e-6 if dtype == torch.float64 else 1e-4
+    assert (got - brute_optimal(x, t, images)).abs().max() < tol
+    if t == 0:
+        assert model.last_dtype == torch.float64
+
+
+def test_plan_sparse_index_lists_the_mask(synth):
+    _, stats = synth
+    mask = locality_mask(stats, float(alpha_bar(0)), 0.3)
+    plan = plan_mask(mask, torch.device("cpu"), torch.float32)
+    assert plan.strategy == "sparse"
+    n = mask.shape[0]
+    rebuilt = torch.zeros(n + 1, n, dtype=torch.float64)
+    for m in range(n):
+        rebuilt[plan.index[m], m] = 1.0
+    assert torch.equal(rebuilt[:n], mask)
+
+
+def test_memory_derived_chunk_sizes(monkeypatch):
+    assert available_memory("cpu") > 0
+    assert chunk_rows(1000, "cpu", override=5, total=100) == 5
+    assert chunk_rows(1000, "cpu", override=500, total=100) == 100
+    assert chunk_rows(10**12, "cpu") == 1  # never zero
+    budget = memory_budget("cpu")
+    assert chunk_rows(1024, "cpu") == budget // 1024
+    import locality.models.memory as mem
+
+    monkeypatch.setattr(mem, "_meminfo_available", lambda: None)
+    assert mem.available_memory("cpu") == mem.FALLBACK_BUDGET_BYTES
+    monkeypatch.setattr(mem, "_meminfo_available", lambda: 64 << 20)
+    assert mem.memory_budget("cpu") == max(16 << 20, 1 << 20)
+    with pytest.raises(ValueError):
+        chunk_rows(10, "cpu", override=0)
