@@ -23,9 +23,10 @@ the complement M = 1 - C and sparse-CSR products gain nothing on the CPU (C has 
 or columns; torch's CSR @ dense ran 1.6x slower than the dense GEMM already at density 0.12),
 and (input-row x output-pixel-group) blocks stay 15-50 % mixed at the dense steps.
 
-Precision of the dense form in float32 (:func:`dense_logit_error_bound`): a rounding bound on
-the logits from the mask's column sums and the value ranges; above ``LOGIT_TOLERANCE`` the step
-is computed in float64 instead. float64 is the exactness oracle and always allowed.
+Precision of the dense form in float32 (:func:`dense_logit_error_estimate`): a rounding
+estimate of the logits from the mask's column sums and the value ranges; above
+``LOGIT_TOLERANCE`` the step is computed in float64 instead. float64 is the exactness oracle
+and always allowed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 SPARSE_MAX_FRACTION = 1 / 16  # sparse when the longest mask column has ≤ n/16 ones
-LOGIT_TOLERANCE = 1e-2  # bound on float32 logit error (worst case; typical errors are ~100x less)
+LOGIT_TOLERANCE = 2e-4  # float32 where the rounding estimate is below this (outputs stay within 1e-4)
 
 
 @dataclass
@@ -56,6 +57,8 @@ class MaskPlan:
     mask: torch.Tensor | None = None
     mask64: torch.Tensor | None = None
     index: torch.Tensor | None = None
+    # sparse: for the j-th one of every column that has more than j ones, (outputs, inputs)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def plan_mask(mask: torch.Tensor, device: torch.device, dtype: torch.dtype) -> MaskPlan:
@@ -78,6 +81,10 @@ def plan_mask(mask: torch.Tensor, device: torch.device, dtype: torch.dtype) -> M
         valid = torch.arange(j).unsqueeze(0) < col_nnz.unsqueeze(1)
         index[valid] = order[valid]
         plan.index = index.to(device)
+        plan.pairs = []
+        for jj in range(jmax):
+            outputs = torch.nonzero(col_nnz > jj).flatten()
+            plan.pairs.append((outputs.to(device), index[outputs, jj].to(device)))
     else:
         plan.source = mask
         plan.mask = mask.T.contiguous().to(device, dtype)  # Mᵀ [n_out, n_in]
@@ -85,14 +92,17 @@ def plan_mask(mask: torch.Tensor, device: torch.device, dtype: torch.dtype) -> M
     return plan
 
 
-def dense_logit_error_bound(plan: MaskPlan, abar: float, scale: float, x_abs_max: float,
-                            y_abs_max: float, dtype: torch.dtype) -> float:
-    """Rounding bound on the dense (expanded, centred) logits in ``dtype``:
-    u · s · max_m Σ_n |M[n, m]| · (2a|x'|max|y'|max + a²|y'|max²) · sqrt(J)."""
+def dense_logit_error_estimate(plan: MaskPlan, abar: float, scale: float, x_abs_max: float,
+                               y_abs_max: float, dtype: torch.dtype) -> float:
+    """Rounding estimate of the dense (expanded, centred) logits in ``dtype``, errors of J
+    terms adding like a random walk:  u · s · (2a|x'|max|y'|max + a²|y'|max²) · max_m Σ_n |M[n, m]| / √J.
+
+    Calibrated on the full Fashion-MNIST (θ = 0.005, every DDIM step forced to float32): the
+    estimate exceeds the measured largest output deviation from float64 by 2.4x to 5.4x."""
     unit = torch.finfo(dtype).eps
     a = math.sqrt(abar)
     term = 2 * a * x_abs_max * y_abs_max + abar * y_abs_max**2
-    return unit * scale * plan.max_column_abs_sum * term * math.sqrt(max(plan.max_column_nnz, 1))
+    return unit * scale * term * plan.max_column_abs_sum / math.sqrt(max(plan.max_column_nnz, 1))
 
 
 def dense_logits(x_c: torch.Tensor, y_c: torch.Tensor, mask_t: torch.Tensor, a: float,
@@ -111,19 +121,15 @@ def dense_logits(x_c: torch.Tensor, y_c: torch.Tensor, mask_t: torch.Tensor, a: 
     return logits
 
 
-def sparse_logits(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, a: float,
-                  scale: float) -> torch.Tensor:
-    """Direct-difference logits [n_out, B, K] from gathered masked pixels, x [B, n],
-    y [n, K] pixel-major (float64 expected), index [n_out, J] with padding value n.
-    Gathering whole pixel rows of [n + 1, B, K] is a contiguous copy per output."""
+def sparse_logits(x: torch.Tensor, y: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                  a: float, scale: float) -> torch.Tensor:
+    """Direct-difference logits [n_out, B, K] from the mask's ones only, x [B, n], y [n, K]
+    pixel-major (float64 expected); ``pairs`` from :func:`plan_mask`. Each (outputs, inputs)
+    pair adds whole [B, K] rows of squared differences: nnz(M)·B·K additions in all."""
     batch, n = x.shape
     k = y.shape[1]
-    diff = x.new_zeros(n + 1, batch, k)  # last row: the zero that padding entries read
-    torch.sub(x.T.unsqueeze(2), y.unsqueeze(1), alpha=a, out=diff[:n])
-    diff.square_()
-    logits = torch.index_select(diff, 0, index[:, 0])
-    buf = torch.empty_like(logits)
-    for j in range(1, index.shape[1]):
-        torch.index_select(diff, 0, index[:, j], out=buf)
-        logits.add_(buf)
+    diff = torch.sub(x.T.unsqueeze(2), y.unsqueeze(1), alpha=a).square_()  # [n_in, B, K]
+    logits = diff.new_zeros(n, batch, k)
+    for outputs, inputs in pairs:
+        logits.index_add_(0, outputs, diff.index_select(0, inputs))
     return logits.mul_(-scale)

@@ -12,7 +12,7 @@ differences) and a precision that keeps the logits within the float64 result:
 
 * ``dtype=float64``: everything in float64 (the exactness oracle).
 * ``dtype=float32`` (the default): dense steps in float32 when the rounding bound
-  :func:`~locality.models.fast_masked.dense_logit_error_bound` allows it, else float64;
+  :func:`~locality.models.fast_masked.dense_logit_error_estimate` allows it, else float64;
   sparse (low-noise) steps always gather float64 differences.
 
 Chunk sizes derive from the free memory of the device (:mod:`locality.models.memory`),
@@ -28,7 +28,7 @@ import torch
 from locality.models.analytical import _DatasetDenoiser, _flat
 from locality.models.base import register_model
 from locality.models.fast_masked import (
-    LOGIT_TOLERANCE, MaskPlan, dense_logit_error_bound, dense_logits, plan_mask, sparse_logits,
+    LOGIT_TOLERANCE, MaskPlan, dense_logit_error_estimate, dense_logits, plan_mask, sparse_logits,
 )
 from locality.models.masks import locality_mask
 from locality.models.softmax import OnlineSoftmaxAverage
@@ -84,12 +84,12 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
         return self._plans[t]
 
     def compute_dtype(self, plan: MaskPlan, abar: float, scale: float, x64: torch.Tensor) -> torch.dtype:
-        """float64 for sparse steps and where the float32 rounding bound exceeds the tolerance."""
+        """float64 for sparse steps and where the float32 rounding estimate exceeds the tolerance."""
         if plan.strategy == "sparse" or self.dtype == torch.float64:
             return torch.float64
         x_abs_max = float((x64 - math.sqrt(abar) * self.mean64).abs().max())
-        bound = dense_logit_error_bound(plan, abar, scale, x_abs_max, self.y_abs_max, self.dtype)
-        return self.dtype if bound <= LOGIT_TOLERANCE else torch.float64
+        estimate = dense_logit_error_estimate(plan, abar, scale, x_abs_max, self.y_abs_max, self.dtype)
+        return self.dtype if estimate <= LOGIT_TOLERANCE else torch.float64
 
     def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         t = int(t)
@@ -104,10 +104,10 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
         item = torch.tensor([], dtype=cdt).element_size()
         acc = OnlineSoftmaxAverage()
         if plan.strategy == "sparse":
-            # working set per image: diff [n+1, B], logits and buffer [n, B], the chunk
+            # working set per image: diff, logits and one gathered slice [n, B]; the chunk
             for ys in self.chunks(batch, (3 * batch + 3) * (n + 1), item):
                 y = ys.T.to(torch.float64).contiguous()  # [n, K] pixel-major
-                acc.update_pixel_major(sparse_logits(x64, y, plan.index, a, scale), y)
+                acc.update_pixel_major(sparse_logits(x64, y, plan.pairs, a, scale), y)
             return acc.result().to(x_t.dtype).reshape(x_t.shape)
         mask_t = plan.mask if cdt == self.dtype else self._mask64(plan)
         mean = self.mean64.to(cdt).unsqueeze(1)
