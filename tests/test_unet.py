@@ -17,20 +17,26 @@ from locality.unet.checkpoint import (
     load_unet_checkpoint,
     save_unet_checkpoint,
 )
+from conftest import reference_dir, require_reference
 from locality.unet.network import DATASET_SETTINGS, SETTINGS, UNet, build_unet, infer_constructor, num_parameters
 from locality.unet.training import LAST_CHECKPOINT, train_unet
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = Path("/work/shared/reference")
-if not REFERENCE.exists():
-    REFERENCE = ROOT / "shared" / "reference"
+REFERENCE = reference_dir()
 LAYOUT = REFERENCE / "unet_checkpoint_layout.json"
 VECTOR = REFERENCE / "unet28_test_vector.pt"
 TINY = dict(ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.1, in_channels=1, out_channels=1)
 # Dropout draws from torch's global RNG, which resume does not replay: off for the exactness check.
 TINY_TRAIN = {**TINY, "dropout": 0.0}
 
-needs_reference = pytest.mark.skipif(not LAYOUT.exists(), reason="reference files not available")
+needs_reference = pytest.mark.usefixtures("reference_files")
+
+
+@pytest.fixture
+def reference_files() -> None:
+    """Fail (never skip) with how to get them when the reference files are absent."""
+    require_reference(LAYOUT.name)
+    require_reference(VECTOR.name)
 
 
 @pytest.fixture(scope="module")
