@@ -15,7 +15,6 @@ from PIL import Image
 from data_factories import write_mnist_like
 from locality.comparison import (
     METRIC_NAMES,
-    UNetComparison,
     compare_with_unet,
     default_checkpoint_path,
     require_checkpoint,

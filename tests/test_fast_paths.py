@@ -4,7 +4,6 @@ force of the SPEC formula, on small data with masks forced into each regime. No 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
