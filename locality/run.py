@@ -190,11 +190,13 @@ def setup_comparison(cfg: DictConfig, name: str, params: dict[str, Any], image_s
 def run(cfg: DictConfig, out: Path, parent_run_id: str | None = None) -> dict[str, Any]:
     """One job: MLflow run around :func:`execute` (a child of ``parent_run_id`` in a sweep);
     status.json says how it ended."""
-    return run_tracked_job(
+    metrics = run_tracked_job(
         cfg, out, execute, tags={"model": cfg.model.name, "dataset": cfg.dataset.name},
         artifacts=("grid.png", "metrics.json", "config.yaml", "samples", "intermediates", "comparison"),
         log_file="run.log", parent_run_id=parent_run_id,
     )
+    log.info("done: %s (grid.png, samples/, metrics.json, run.log)", out)
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
