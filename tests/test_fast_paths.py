@@ -132,8 +132,20 @@ def test_optimal_matches_brute_force(synth, t, dtype, chunk):
     got = model(x, t).double().reshape(len(x), -1)
     tol = 1e-6 if dtype == torch.float64 else 1e-4
     assert (got - brute_optimal(x, t, images)).abs().max() < tol
-    if t == 0:
-        assert model.last_dtype == torch.float64
+    if t == 0:  # float32 asks for float64 there: screened in float32, exact in float64
+        assert model.last_dtype == ("screened" if dtype == torch.float32 else torch.float64)
+
+
+def test_optimal_screening_falls_back_when_many_images_matter():
+    """Nearly identical images all survive the float32 screen: the step runs in float64."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.rand(1, 1, 4, 4, generator=g) * 2 - 1
+    images = (base + 1e-3 * torch.randn(40, 1, 4, 4, generator=g)).float()
+    model = build_model("optimal", images, None, dtype=torch.float32)
+    x = _noisy(images, 0)
+    got = model(x, 0).double().reshape(len(x), -1)
+    assert model.last_dtype == torch.float64
+    assert (got - brute_optimal(x, 0, images)).abs().max() < 1e-6
 
 
 def test_plan_sparse_index_lists_the_mask(synth):
@@ -183,3 +195,18 @@ def test_default_float32_matches_float64_on_the_full_fashion_mnist(fmnist_train)
         x = result.x_t[i]
         diff = (m32(x, t) - result.x0_pred[i]).abs().max().item()
         assert diff < 1e-4, f"t={t}: {diff} ({m32.last_strategy})"
+
+
+def test_optimal_float32_matches_float64_on_the_full_fashion_mnist(fmnist_train):
+    """model=optimal with its app default (float32, float64 where the estimate asks for it)."""
+    from locality.pipeline import sample
+
+    m64 = build_model("optimal", fmnist_train, None, dtype=torch.float64)
+    m32 = build_model("optimal", fmnist_train, None, dtype=torch.float32)
+    result = sample(m64, num_samples=4, image_shape=(1, 28, 28), num_steps=10, seed=3, keep_trajectory=True)
+    used = set()
+    for i, t in enumerate(result.timesteps):
+        diff = (m32(result.x_t[i], t) - result.x0_pred[i]).abs().max().item()
+        used.add(m32.last_dtype)
+        assert diff < 1e-4, f"t={t}: {diff} ({m32.last_dtype})"
+    assert used == {torch.float32, "screened"}  # both paths were exercised
