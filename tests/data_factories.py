@@ -40,23 +40,19 @@ def write_idx_images(path: str | Path, images: np.ndarray, gzip: bool = True) ->
     images = np.ascontiguousarray(images, dtype=np.uint8)
     if images.ndim != 3:
         raise ValueError(f"expected [N, H, W], got shape {images.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = struct.pack(">IIII", IDX_IMAGES_MAGIC, *images.shape) + images.tobytes()
-    if gzip:
-        with gzip_module.open(path, "wb") as f:
-            f.write(payload)
-    else:
-        path.write_bytes(payload)
-    return path
+    return _write_idx(path, struct.pack(">IIII", IDX_IMAGES_MAGIC, *images.shape) + images.tobytes(), gzip)
 
 
 def write_idx_labels(path: str | Path, labels: np.ndarray, gzip: bool = True) -> Path:
     """Write uint8 ``labels`` ``[N]`` as an IDX1 ubyte file (magic ``0x00000801``)."""
     labels = np.ascontiguousarray(labels, dtype=np.uint8)
+    return _write_idx(path, struct.pack(">II", 0x00000801, len(labels)) + labels.tobytes(), gzip)
+
+
+def _write_idx(path: str | Path, payload: bytes, gzip: bool) -> Path:
+    """Write an IDX header + body, gzip-compressed or raw."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = struct.pack(">II", 0x00000801, len(labels)) + labels.tobytes()
     if gzip:
         with gzip_module.open(path, "wb") as f:
             f.write(payload)

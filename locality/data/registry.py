@@ -25,16 +25,6 @@ from locality.data.common import DatasetNotFoundError, LoadRequest, to_unit_rang
 from locality.data.folders import FOLDER_SPLITS, load_afhq, load_celeba_hq
 from locality.data.idx import DEBIAN_FASHION_MNIST_DIR, load_fashion_mnist, load_mnist
 
-__all__ = [
-    "DATASETS",
-    "DatasetNotFoundError",
-    "DatasetSpec",
-    "available_datasets",
-    "get_dataset_spec",
-    "load_dataset",
-    "register_dataset",
-]
-
 Loader = Callable[[LoadRequest], torch.Tensor]
 
 
