@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from locality.data.cifar import load_cifar10
-from locality.data.common import DatasetNotFoundError, LoadRequest, to_unit_range
+from locality.data.common import DatasetNotFoundError, LoadRequest, to_unit_range  # noqa: F401 (re-exported)
 from locality.data.folders import FOLDER_SPLITS, load_afhq, load_celeba_hq
 from locality.data.idx import DEBIAN_FASHION_MNIST_DIR, load_fashion_mnist, load_mnist
 
