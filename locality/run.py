@@ -32,6 +32,7 @@ log = logging.getLogger("locality.run")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NEEDS_STATISTICS = {"wiener", "pca_locality"}
+FLOAT64_ACCUMULATING = {"pca_locality", "optimal"}  # no float64 on MPS
 
 
 class RunFailed(RuntimeError):
@@ -65,6 +66,11 @@ def model_params(node: Any, device: torch.device) -> tuple[str, dict[str, Any]]:
     """cfg.model -> (name, keyword arguments of the model class); types checked here."""
     params = OmegaConf.to_container(node, resolve=True)
     name = params.pop("name")
+    if device.type == "mps" and name in FLOAT64_ACCUMULATING:
+        raise ConfigError(
+            f"model={name} keeps its exact softmax accumulators in float64, which MPS does not "
+            "support yet; run it with hardware=cpu (wiener, nearest_dataset and unet run on MPS)"
+        )
     if "dtype" in params:
         dtype = DTYPES[get_choice(node, "dtype", "model", tuple(DTYPES))]
         params["dtype"] = default_dtype_for(device, dtype)

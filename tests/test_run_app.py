@@ -130,3 +130,17 @@ def test_corrupt_statistics_cache_is_recomputed_with_a_warning(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "recomputing" in proc.stdout + proc.stderr
     assert cache.stat().st_size > 1000  # replaced whole
+
+
+def test_float64_accumulating_models_refuse_mps_clearly():
+    import torch
+
+    from locality.config import ConfigError
+    from locality.run import model_params
+    from conftest import compose
+
+    cfg = compose(["model=optimal"])
+    with pytest.raises(ConfigError, match="hardware=cpu"):
+        model_params(cfg.model, torch.device("mps"))
+    name, params = model_params(compose(["model=wiener"]).model, torch.device("mps"))
+    assert name == "wiener" and params["dtype"] == torch.float32  # MPS has no float64
