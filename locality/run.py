@@ -105,6 +105,10 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
 
     sampler = SamplerSettings.from_config(cfg.sampler)
     device = resolve_device(str(cfg.hardware.device))
+    if str(cfg.hardware.device) == "auto" and device.type == "mps" and cfg.model.name in FLOAT64_ACCUMULATING:
+        log.warning("hardware=auto: model=%s needs float64, which MPS lacks; running on the CPU",
+                    cfg.model.name)
+        device = torch.device("cpu")
     name, params = model_params(cfg.model, device)
     log.info("model=%s dataset=%s device=%s output=%s", name, cfg.dataset.name, device, out)
 
