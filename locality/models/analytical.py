@@ -185,7 +185,7 @@ class OptimalDenoiser(_DatasetDenoiser):
         for y in self.chunks(x.shape[0], x.shape[1] + 2 * x.shape[0], item, source=self._images_in(cdt)):
             logits = (x @ y.T).double()  # [B, K]
             logits -= (a * a * scale) * self.sq_norms[start : start + len(y)]
-            acc.update(logits.to(cdt), y, inplace=True)
+            acc.update(logits.to(cdt), y)
             start += len(y)
         return acc.result().to(x_t.dtype).reshape(x_t.shape)
 

@@ -18,41 +18,28 @@ WEIGHT_FLOOR_LOG = 60.0  # log of the smallest relative softmax weight kept apar
 class OnlineSoftmaxAverage:
     """Accumulates Σ_k softmax_k(logit) · value_k over chunks of k.
 
-    Two layouts: per-image logits [B, K] with values [K, n] (one weight per image, as in the
-    optimal denoiser), or per-value logits [B, K, n] with values [K, n] (one weight per image
-    and output value, as in pca_locality). ``result()`` is [B, n] float64.
-
-    ``update(..., inplace=True)`` overwrites the logits with the weights (saves two passes and
-    a buffer the size of the chunk: the per-value layout is memory-bound).
+    Two layouts, one per accumulator: :meth:`update` takes per-image logits [B, K] with values
+    [K, n] (one weight per image, as in the optimal denoiser); :meth:`update_pixel_major` takes
+    per-value logits [n, B, K] with values [n, K] (one weight per image and output value, as in
+    pca_locality). Both overwrite the logits with the weights. ``result()`` is [B, n] float64.
     """
 
     def __init__(self) -> None:
         self.max: torch.Tensor | None = None
         self.norm: torch.Tensor | None = None
         self.acc: torch.Tensor | None = None
+        self.pixel_major = False  # accumulators [n, B] (update_pixel_major) rather than [B, n]
 
-    def update(self, logits: torch.Tensor, values: torch.Tensor, inplace: bool = False) -> None:
-        per_value = logits.dim() == 3
-        chunk_max = logits.amax(dim=1).double()  # [B] or [B, n]
-        new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
-        shift = new_max.to(logits.dtype).unsqueeze(1)
-        weights = logits.sub_(shift) if inplace else logits - shift
+    def update(self, logits: torch.Tensor, values: torch.Tensor) -> None:
+        """Per-image layout: logits [B, K] (overwritten with the weights), values [K, n]."""
+        new_max = logits.amax(dim=1).double()  # [B]
+        if self.max is not None:
+            new_max = torch.maximum(self.max, new_max)
+        weights = logits.sub_(new_max.to(logits.dtype).unsqueeze(1))
         weights = weights.clamp_(min=-WEIGHT_FLOOR_LOG).exp_()  # ≤ 1: no overflow; no subnormals
-        if per_value:
-            chunk_norm = weights.sum(dim=1, dtype=torch.float64)  # [B, n]
-            chunk_acc = weights.mul_(values.to(weights.dtype)).sum(dim=1, dtype=torch.float64)
-        else:
-            chunk_norm = weights.sum(dim=1, dtype=torch.float64)  # [B]
-            chunk_acc = (weights @ values.to(weights.dtype)).double()  # [B, n]
-        if self.max is None:
-            self.norm, self.acc = chunk_norm, chunk_acc
-        else:
-            rescale = torch.exp(self.max - new_max)
-            self.norm = self.norm * rescale + chunk_norm
-            if not per_value:
-                rescale = rescale.unsqueeze(1)
-            self.acc = self.acc * rescale + chunk_acc
-        self.max = new_max
+        chunk_norm = weights.sum(dim=1, dtype=torch.float64)  # [B]
+        chunk_acc = (weights @ values.to(weights.dtype)).double()  # [B, n]
+        self._merge(new_max, chunk_norm, chunk_acc)
 
     def update_pixel_major(self, logits: torch.Tensor, values: torch.Tensor) -> None:
         """Per-value layout with the images last: logits [n, B, K] (overwritten with the
@@ -67,21 +54,24 @@ class OnlineSoftmaxAverage:
         logits.sub_(new_max.to(logits.dtype).unsqueeze(2)).clamp_(min=-WEIGHT_FLOOR_LOG).exp_()
         both = torch.stack((values.to(logits.dtype), torch.ones_like(values, dtype=logits.dtype)), dim=2)
         sums = torch.bmm(logits, both).double()  # [n, B, 2]
-        chunk_acc, chunk_norm = sums[..., 0], sums[..., 1]
+        self._merge(new_max, sums[..., 1], sums[..., 0])
+        self.pixel_major = True
+
+    def _merge(self, new_max: torch.Tensor, chunk_norm: torch.Tensor, chunk_acc: torch.Tensor) -> None:
+        """Fold one chunk's normaliser and weighted sum (both relative to ``new_max``) into the
+        running ones, rescaling those from the previous maximum."""
         if self.max is None:
             self.norm, self.acc = chunk_norm, chunk_acc
         else:
             rescale = torch.exp(self.max - new_max)
             self.norm = self.norm * rescale + chunk_norm
+            rescale = rescale.reshape(rescale.shape + (1,) * (chunk_acc.dim() - rescale.dim()))
             self.acc = self.acc * rescale + chunk_acc
         self.max = new_max
-        self.pixel_major = True
 
     def result(self) -> torch.Tensor:
-        if getattr(self, "pixel_major", False):
-            return (self.acc / self.norm).T
-
         if self.acc is None:
             raise RuntimeError("no chunk was accumulated")
-        norm = self.norm if self.norm.dim() == 2 else self.norm.unsqueeze(1)
-        return self.acc / norm
+        if self.pixel_major:
+            return (self.acc / self.norm).T
+        return self.acc / self.norm.unsqueeze(1)
