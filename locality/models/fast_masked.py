@@ -44,20 +44,17 @@ LOGIT_TOLERANCE = 2e-4  # float32 where the rounding estimate is below this (out
 class MaskPlan:
     """Per-timestep plan: strategy, the mask in the form that strategy needs, its statistics.
 
-    mask: Mᵀ [n_out, n_in] on the device in the compute dtype (dense); index: [n_out, J] long on the
-    device, the input pixels of each output, padded with n (a zero column) (sparse).
+    dense: ``mask`` is Mᵀ [n_out, n_in] on the device in the compute dtype (``source``: M float64
+    on the CPU, as built, for a float64 fallback). sparse: ``pairs`` lists, for the j-th one of
+    every column that has more than j ones, (outputs, inputs) index tensors on the device.
     """
 
     strategy: str
-    binary: bool
-    density: float
     max_column_nnz: int
     max_column_abs_sum: float
-    source: torch.Tensor | None = None  # M float64 on the CPU, as built
+    source: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     mask64: torch.Tensor | None = None
-    index: torch.Tensor | None = None
-    # sparse: for the j-th one of every column that has more than j ones, (outputs, inputs)
     pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
@@ -68,23 +65,15 @@ def plan_mask(mask: torch.Tensor, device: torch.device, dtype: torch.dtype) -> M
     binary = bool(((mask == 0) | (mask == 1)).all())
     col_nnz = nonzero.sum(0)
     jmax = int(col_nnz.max()) if n else 0
-    plan = MaskPlan(
-        strategy="dense", binary=binary, density=float(nonzero.double().mean()),
-        max_column_nnz=jmax, max_column_abs_sum=float(mask.abs().sum(0).max()),
-    )
+    plan = MaskPlan(strategy="dense", max_column_nnz=jmax, max_column_abs_sum=float(mask.abs().sum(0).max()))
     if binary and jmax <= max(1, int(n * SPARSE_MAX_FRACTION)):
         plan.strategy = "sparse"
-        j = max(jmax, 1)
-        # rows of the index are the outputs; padding points at column n (a zero column)
-        index = torch.full((n, j), n, dtype=torch.long)
-        order = torch.argsort((~nonzero).T.to(torch.int8), dim=1, stable=True)[:, :j]  # ones first
-        valid = torch.arange(j).unsqueeze(0) < col_nnz.unsqueeze(1)
-        index[valid] = order[valid]
-        plan.index = index.to(device)
+        # per output (row of Mᵀ) its input pixels, ones first, in input order
+        inputs = torch.argsort((~nonzero).T.to(torch.int8), dim=1, stable=True)[:, :max(jmax, 1)]
         plan.pairs = []
-        for jj in range(jmax):
-            outputs = torch.nonzero(col_nnz > jj).flatten()
-            plan.pairs.append((outputs.to(device), index[outputs, jj].to(device)))
+        for j in range(jmax):
+            outputs = torch.nonzero(col_nnz > j).flatten()
+            plan.pairs.append((outputs.to(device), inputs[outputs, j].to(device)))
     else:
         plan.source = mask
         plan.mask = mask.T.contiguous().to(device, dtype)  # Mᵀ [n_out, n_in]

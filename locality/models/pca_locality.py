@@ -11,7 +11,7 @@ cheapest exact strategy for that mask (``dense`` expanded GEMM or ``sparse`` gat
 differences) and a precision that keeps the logits within the float64 result:
 
 * ``dtype=float64``: everything in float64 (the exactness oracle).
-* ``dtype=float32`` (the default): dense steps in float32 when the rounding bound
+* ``dtype=float32`` (the app's default): dense steps in float32 when the rounding estimate
   :func:`~locality.models.fast_masked.dense_logit_error_estimate` allows it, else float64;
   sparse (low-noise) steps always gather float64 differences.
 
@@ -57,19 +57,15 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
         self._masks: dict[int, torch.Tensor] = {}
         self._plans: dict[int, MaskPlan] = {}
         self.mean64 = stats.mean.to(self.device, torch.float64)  # [n]
-        # |y - μ| max over the data, for the rounding bound (one pass at construction)
+        # |y - μ| max over the data, for the rounding estimate (one pass at construction)
         self.y_abs_max = max(
-            float((ys.double() - self.mean64).abs().max()) for ys in self._iter_rows(8192)
+            float((ys.double() - self.mean64).abs().max()) for ys in self.images.split(8192)
         )
         self.last_strategy: tuple[str, torch.dtype] | None = None  # for tests and the bench
 
     @classmethod
     def from_data(cls, images: torch.Tensor, stats: DataStatistics, **params):
         return cls(images, stats, **params)
-
-    def _iter_rows(self, size: int):
-        for start in range(0, self.images.shape[0], size):
-            yield self.images[start : start + size]
 
     def mask(self, t: int) -> torch.Tensor:
         """M_t [n, n] float64 on the CPU (the same for every sample and chunk: built once)."""
