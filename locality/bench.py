@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import resource
 import statistics as pystats
-import sys
 import time
 from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from locality.atomic import write_json_atomic
 from locality.config import get_int, register_resolvers
 
 register_resolvers()
@@ -57,14 +56,14 @@ def brute_force(name: str, x: torch.Tensor, t: int, images: torch.Tensor, stats,
     s = 1.0 / (2.0 * (1.0 - abar) * float(params.get("temperature", 1.0)))
     y = images.double()
     x = x.double()
+    mask = None if name == "optimal" else locality_mask(stats, abar, float(params["mask_threshold"]))
     out = []
     for b in range(x.shape[0]):
         sq = (x[b] - abar**0.5 * y).square()  # [N, n]
-        if name == "optimal":
+        if mask is None:
             w = torch.softmax(-s * sq.sum(1), 0)
             out.append(w @ y)
         else:
-            mask = locality_mask(stats, abar, float(params["mask_threshold"]))
             w = torch.softmax(-s * (sq @ mask), 0)  # [N, n]
             out.append((w * y).sum(0))
     return torch.stack(out)
@@ -74,7 +73,7 @@ def run_bench(cfg: DictConfig) -> dict:
     from locality.devices import resolve_device
     from locality.models import build_model
     from locality.pipeline import sample
-    from locality.run import load_training_images, model_params
+    from locality.run import NEEDS_STATISTICS, load_training_images, model_params
     from locality.statistics import fit_statistics
 
     device = resolve_device(str(cfg.hardware.device))
@@ -92,7 +91,7 @@ def run_bench(cfg: DictConfig) -> dict:
     shape = tuple(images.shape[1:])
 
     stats = None
-    if name in ("pca_locality", "wiener"):
+    if name in NEEDS_STATISTICS:
         start = time.perf_counter()
         stats = fit_statistics(images, progress=False)
         report["statistics_fit_s"] = time.perf_counter() - start
@@ -149,11 +148,8 @@ def run_bench(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     report = run_bench(cfg)
-    text = json.dumps(report, indent=2)
-    print(text)
-    out = Path(str(cfg.bench.output))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    print(json.dumps(report, indent=2))
+    write_json_atomic(report, Path(str(cfg.bench.output)))
 
 
 if __name__ == "__main__":
