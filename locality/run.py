@@ -83,16 +83,19 @@ def model_params(node: Any, device: torch.device) -> tuple[str, dict[str, Any]]:
     return name, params
 
 
-def load_training_images(cfg: DictConfig) -> torch.Tensor:
+def load_training_images(cfg: DictConfig, subset: tuple[Any, str] | None = None) -> torch.Tensor:
+    """cfg.dataset -> images [N, C, H, W] in [-1, 1]; ``subset`` = (node, its name) holding
+    ``subset_size`` when not cfg.dataset (the train app's train.subset_size)."""
     from locality.data import load_dataset
 
     ds = cfg.dataset
+    node, prefix = subset or (ds, "dataset")
     return load_dataset(
         ds.name,
         root=ds.root,
         split=ds.split,
         resolution=get_int(ds, "resolution", "dataset", minimum=1, optional=True),
-        subset_size=get_int(ds, "subset_size", "dataset", minimum=1, optional=True),
+        subset_size=get_int(node, "subset_size", prefix, minimum=1, optional=True),
         download=get_bool(ds, "download", "dataset"),
         progress=bool(cfg.progress),
     )

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from locality.config import ConfigError, get_bool, get_float, get_int, register_resolvers
 from locality.devices import resolve_device
 from locality.jobs import USER_ERRORS, exit_for_user_error, run_tracked_job
+from locality.run import load_training_images
 
 register_resolvers()
 log = logging.getLogger("locality.train")
@@ -60,18 +61,6 @@ def unet_architecture(node: Any, dataset: str, channels: int) -> str | dict[str,
     return str(value)
 
 
-def load_images(cfg: DictConfig) -> torch.Tensor:
-    from locality.data import load_dataset
-
-    ds = cfg.dataset
-    return load_dataset(
-        ds.name, root=ds.root, split=ds.split,
-        resolution=get_int(ds, "resolution", "dataset", minimum=1, optional=True),
-        subset_size=get_int(cfg.train, "subset_size", "train", minimum=1, optional=True),
-        download=get_bool(ds, "download", "dataset"), progress=bool(cfg.progress),
-    )
-
-
 def make_sample_fn(out: Path, tracked, node: Any, image_shape: tuple[int, ...], device: torch.device):
     """The checkpoint hook: a DDIM sample grid of the EMA net -> samples/epoch_<E>.png + MLflow."""
     from locality.images import save_grid
@@ -100,7 +89,7 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
     t = cfg.train
     device = resolve_device(str(cfg.hardware.device))
     start = time.perf_counter()
-    images = load_images(cfg)
+    images = load_training_images(cfg, subset=(t, "train"))
     N, C, H, W = images.shape
     log.info("dataset %s/%s: %d images of shape %s (%.1f s)", cfg.dataset.name, cfg.dataset.split, N,
              (C, H, W), time.perf_counter() - start)
