@@ -248,16 +248,12 @@ def cached_statistics(
     A corrupt cache file is reported with a warning, recomputed and replaced.
     """
     fingerprint = content_fingerprint(images)
-    if cache_dir is None:
-        stats = fit_statistics(
-            images, dead_pixel_tol=dead_pixel_tol, eigenvalue_tol=eigenvalue_tol,
-            progress=progress, fingerprint=fingerprint,
+    path = None
+    if cache_dir is not None:
+        path = statistics_cache_path(
+            cache_dir, dataset, split, resolution, subset_size, fingerprint, dead_pixel_tol, eigenvalue_tol
         )
-        return stats, False
-    path = statistics_cache_path(
-        cache_dir, dataset, split, resolution, subset_size, fingerprint, dead_pixel_tol, eigenvalue_tol
-    )
-    if path.exists():
+    if path is not None and path.exists():
         try:
             stats = load_statistics(path, expected_fingerprint=fingerprint)
             log.info("statistics loaded from cache %s", path)
@@ -268,6 +264,7 @@ def cached_statistics(
         images, dead_pixel_tol=dead_pixel_tol, eigenvalue_tol=eigenvalue_tol,
         progress=progress, fingerprint=fingerprint,
     )
-    save_statistics(stats, path)
-    log.info("statistics cached at %s", path)
+    if path is not None:
+        save_statistics(stats, path)
+        log.info("statistics cached at %s", path)
     return stats, False
