@@ -74,6 +74,10 @@ def model_params(node: Any, device: torch.device) -> tuple[str, dict[str, Any]]:
     if "dtype" in params:
         dtype = DTYPES[get_choice(node, "dtype", "model", tuple(DTYPES))]
         params["dtype"] = default_dtype_for(device, dtype)
+    if "dense_kernel" in params:
+        from locality.models.fast_masked import DENSE_KERNELS
+
+        get_choice(node, "dense_kernel", "model", DENSE_KERNELS)
     if "chunk_size" in params:
         get_int(node, "chunk_size", "model", minimum=1, optional=True)
     for key in ("temperature", "mask_threshold"):

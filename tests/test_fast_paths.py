@@ -151,7 +151,7 @@ def test_optimal_screening_falls_back_when_many_images_matter():
 def test_plan_sparse_pairs_list_the_mask(synth):
     _, stats = synth
     mask = locality_mask(stats, float(alpha_bar(0)), 0.3)
-    plan = plan_mask(mask, torch.device("cpu"), torch.float32)
+    plan = plan_mask(mask, torch.device("cpu"))
     assert plan.strategy == "sparse"
     n = mask.shape[0]
     from_pairs = torch.zeros(n, n, dtype=torch.float64)
@@ -206,3 +206,70 @@ def test_optimal_float32_matches_float64_on_the_full_fashion_mnist(fmnist_train)
         used.add(m32.last_dtype)
         assert diff < 1e-4, f"t={t}: {diff} ({m32.last_dtype})"
     assert used == {torch.float32, "screened"}  # both paths were exercised
+
+
+def test_split_bf16x3_is_exact():
+    """hi + mid + lo reproduces every float32 value exactly, across the exponent range."""
+    from locality.models.fast_masked import split_bf16x3
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(4096, generator=g) * torch.logspace(-30, 30, 4096)
+    values = torch.cat([values, torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0e38, 1.0 + 2**-23])]).float()
+    parts = split_bf16x3(values)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (3, len(values))
+    assert torch.equal(parts.double().sum(0), values.double())
+    with pytest.raises(TypeError):
+        split_bf16x3(values.double())
+
+
+@pytest.mark.parametrize("t,threshold", [(900, 0.005), (500, 0.05), (100, 0.02)])
+@pytest.mark.parametrize("chunk", [1, 7, None])
+def test_bf16x6_kernel_matches_brute_force(synth, t, threshold, chunk):
+    """The tensor-core kernel's arithmetic (emulated exactly in float32 on the CPU)."""
+    images, stats = synth
+    model = build_model("pca_locality", images, stats, mask_threshold=threshold, dtype=torch.float32,
+                        chunk_size=chunk, dense_kernel="bf16x6")
+    x = _noisy(images, t)
+    got = model(x, t).double().reshape(len(x), -1)
+    assert model.last_kernel in ("bf16x6", "float64")
+    if t >= 500:
+        assert model.last_kernel == "bf16x6"
+    assert (got - brute_pca(x, t, images, stats, threshold)).abs().max() < 1e-4
+
+
+def test_bf16x6_kernel_on_real_fmnist_crop(fmnist_crop):
+    images, stats = fmnist_crop
+    for t in (900, 400, 100):
+        model = build_model("pca_locality", images, stats, mask_threshold=0.005, dtype=torch.float32,
+                            chunk_size=7, dense_kernel="bf16x6")
+        x = _noisy(images, t, count=2)
+        got = model(x, t).double().reshape(len(x), -1)
+        assert (got - brute_pca(x, t, images, stats, 0.005)).abs().max() < 1e-4
+
+
+def test_bf16x6_needs_a_binary_mask_and_valid_names(synth):
+    images, stats = synth
+    model = build_model("pca_locality", images, stats, mask_threshold=0.0, dtype=torch.float32,
+                        dense_kernel="bf16x6")
+    with pytest.raises(ValueError, match="binary masks"):
+        model(_noisy(images, 900), 900)
+    auto = build_model("pca_locality", images, stats, mask_threshold=0.0, dtype=torch.float32)
+    auto(_noisy(images, 900), 900)
+    assert auto.last_kernel == "float32"  # CPU: auto is the float32 GEMM
+    with pytest.raises(ValueError, match="dense_kernel must be one of auto, float32, bf16x6"):
+        build_model("pca_locality", images, stats, dense_kernel="tf32")
+
+
+def test_bf16x6_sample_groups(synth, monkeypatch):
+    """Samples split into groups when the split weights exceed the memory budget: same result."""
+    import locality.models.pca_locality as pca
+
+    images, stats = synth
+    x = _noisy(images, 700, count=5)
+    want = brute_pca(x, 700, images, stats, 0.02)
+    monkeypatch.setattr(pca, "memory_budget", lambda device: 48 * 36 * 36 * 2)  # 2 samples a group
+    model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32,
+                        dense_kernel="bf16x6", chunk_size=11)
+    got = model(x, 700).double().reshape(len(x), -1)
+    assert model.last_kernel == "bf16x6"
+    assert (got - want).abs().max() < 1e-4

@@ -27,45 +27,96 @@ Precision of the dense form in float32 (:func:`dense_logit_error_estimate`): a r
 estimate of the logits from the mask's column sums and the value ranges; above
 ``LOGIT_TOLERANCE`` the step is computed in float64 instead. float64 is the exactness oracle
 and always allowed.
+
+Dense kernels for a float32 step (``dense_kernel``):
+
+* ``float32``: one float32 GEMM per chunk (the CPU's choice: its float32 GEMM runs at the FMA
+  peak, and it has no bfloat16 GEMM with a float32 output).
+* ``bf16x6``: float32 accuracy on bfloat16 tensor cores (CUDA's choice). Every float32 value
+  splits exactly into three bfloat16 values v = v0 + v1 + v2 (:func:`split_bf16x3`). The logits
+  are Σ_n y'[k, n] W[n, (m, b)] with W = M ⊙ x' (per step, small) and y' the centred images;
+  of the nine products y'_i W_j the six with i + j ≤ 2 are kept (the other three are below
+  float32's own rounding), and they run as ONE GEMM with float32 accumulation by stacking along
+  the reduction: [y'0 y'0 y'0 y'1 y'1 y'2] @ [W0; W1; W2; W0; W1; W0]. The image side
+  [K, 6n] is split once per model, so a step only splits W; y'² @ M (sample-independent) is
+  [y'²0 y'²1 y'²2] @ [M; M; M] (a binary mask is exact in bfloat16). TF32 is never used: its
+  10-bit operands would put errors of 1e-3 into the logits.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+DENSE_KERNELS = ("auto", "float32", "bf16x6")  # auto: bf16x6 on CUDA, float32 elsewhere
+# rounding of a kernel's logits relative to the float32 GEMM, for the error estimate: on the H100
+# the probe of scripts/gpu_check.py put bf16x6 logits 5.2x further from float64 than the float32
+# kernel's (2.1e-3 vs 4.1e-4 on logits up to 383: tensor cores sum 6n terms); 8 keeps the margin
+KERNEL_ROUNDING_FACTOR = {"float32": 1.0, "bf16x6": 8.0}
 SPARSE_MAX_FRACTION = 1 / 16  # sparse when the longest mask column has ≤ n/16 ones
+# CUDA: the gathered kernel moves ~40 bytes per mask one, sample and image at ~3 TB/s, where a
+# GEMM does ~12·n flops per mask entry at ~700 TFLOP/s (bf16x6) or ~2·n at ~50 (float64):
+# sparse pays off only below these densities (for the float32-accurate and the float64 dense
+# step; on the H100 a t = 0 step of full Fashion-MNIST, 32 samples, density 0.004, took 0.11 s
+# sparse and 0.10 s dense in float64)
+CUDA_SPARSE_MAX_DENSITY = {torch.float32: 1 / 1600, torch.float64: 1 / 1000}
 LOGIT_TOLERANCE = 2e-4  # float32 where the rounding estimate is below this (outputs stay within 1e-4)
 
 
 @dataclass
 class MaskPlan:
-    """Per-timestep plan: strategy, the mask in the form that strategy needs, its statistics.
+    """Per-timestep plan: the mask's statistics and, built once when first needed, the forms
+    the kernels read.
 
-    dense: ``mask`` is Mᵀ [n_out, n_in] on the device in the compute dtype (``source``: M float64
-    on the CPU, as built, for a float64 fallback). sparse: ``pairs`` lists, for the j-th one of
-    every column that has more than j ones, (outputs, inputs) index tensors on the device.
+    ``strategy`` is the mask-only choice (``sparse`` when the mask is binary and its longest
+    column has at most n/16 ones, else ``dense``); on the CPU it is final, on CUDA the model
+    also weighs the step's precision (:meth:`PcaLocalityDenoiser.strategy`). ``source`` is M
+    float64 on the CPU as built; :meth:`dense_mask` gives Mᵀ [n_out, n_in] on the device in a
+    dtype, :meth:`mask_bf16x3` [Mᵀ Mᵀ Mᵀ] [n_out, 3 n_in] bfloat16 (binary masks: exact), for
+    the bf16x6 kernel.
+    ``pairs`` (sparse-eligible masks) lists, for the j-th one of every column that has more
+    than j ones, (outputs, inputs) index tensors on the device.
     """
 
     strategy: str
     max_column_nnz: int
     max_column_abs_sum: float
-    source: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-    mask64: torch.Tensor | None = None
+    density: float
+    binary: bool
+    source: torch.Tensor
+    device: torch.device
     pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    _dense: dict = field(default_factory=dict)
+
+    def dense_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """Mᵀ [n_out, n_in] on the device in ``dtype`` (θ = 0 masks are not float32-exact:
+        float64 gets its own copy), built once per dtype."""
+        if dtype not in self._dense:
+            self._dense[dtype] = self.source.T.contiguous().to(self.device, dtype)
+        return self._dense[dtype]
+
+    def mask_bf16x3(self) -> torch.Tensor:
+        """[Mᵀ Mᵀ Mᵀ] [n_out, 3 n_in] bfloat16 (exact: the mask is binary), built once."""
+        if not self.binary:
+            raise ValueError("the bf16x6 kernel needs a binary mask (model.mask_threshold > 0)")
+        if "bf16x3" not in self._dense:
+            self._dense["bf16x3"] = self.source.T.to(self.device, torch.bfloat16).repeat(1, 3)
+        return self._dense["bf16x3"]
 
 
-def plan_mask(mask: torch.Tensor, device: torch.device, dtype: torch.dtype) -> MaskPlan:
-    """Choose the strategy for M [n_in, n_out] (float64, CPU) from its statistics only."""
+def plan_mask(mask: torch.Tensor, device: torch.device) -> MaskPlan:
+    """Classify M [n_in, n_out] (float64, CPU) from its statistics; index the ones of a
+    sparse-eligible mask. Dense forms are built when a kernel first asks for them."""
     n = mask.shape[0]
     nonzero = mask != 0
     binary = bool(((mask == 0) | (mask == 1)).all())
     col_nnz = nonzero.sum(0)
     jmax = int(col_nnz.max()) if n else 0
-    plan = MaskPlan(strategy="dense", max_column_nnz=jmax, max_column_abs_sum=float(mask.abs().sum(0).max()))
+    plan = MaskPlan(strategy="dense", max_column_nnz=jmax, max_column_abs_sum=float(mask.abs().sum(0).max()),
+                    density=float(nonzero.sum()) / max(n * n, 1), binary=binary, source=mask,
+                    device=torch.device(device))
     if binary and jmax <= max(1, int(n * SPARSE_MAX_FRACTION)):
         plan.strategy = "sparse"
         # per output (row of Mᵀ) its input pixels, ones first, in input order
@@ -74,10 +125,6 @@ def plan_mask(mask: torch.Tensor, device: torch.device, dtype: torch.dtype) -> M
         for j in range(jmax):
             outputs = torch.nonzero(col_nnz > j).flatten()
             plan.pairs.append((outputs.to(device), inputs[outputs, j].to(device)))
-    else:
-        plan.source = mask
-        plan.mask = mask.T.contiguous().to(device, dtype)  # Mᵀ [n_out, n_in]
-        plan.mask64 = plan.mask if dtype == torch.float64 else None
     return plan
 
 
@@ -108,6 +155,79 @@ def dense_logits(x_c: torch.Tensor, y_c: torch.Tensor, mask_t: torch.Tensor, a: 
     logits.mul_(2.0 * a * scale)
     logits.sub_(y2m.mul_(a * a * scale).unsqueeze(1))
     return logits
+
+
+def split_bf16x3(values: torch.Tensor) -> torch.Tensor:
+    """float32 [*s] -> bfloat16 [3, *s] with values == hi + mid + lo exactly.
+
+    hi is values rounded to bfloat16 (8 significand bits); values - hi is exact in float32 and
+    spans the next 16 bits; mid takes 8 of them and the remainder (at most 8 bits) is lo. Each
+    subtraction is exact (the operands agree in their leading bits), so nothing is lost."""
+    if values.dtype != torch.float32:
+        raise TypeError(f"split_bf16x3 takes float32, got {values.dtype}")
+    parts = torch.empty((3, *values.shape), dtype=torch.bfloat16, device=values.device)
+    parts[0].copy_(values)
+    rest = values - parts[0].float()
+    parts[1].copy_(rest)
+    rest.sub_(parts[1].float())
+    parts[2].copy_(rest)
+    return parts
+
+
+def matmul_bf16_to_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [m, k] @ b [k, n], bfloat16 operands, float32 products summed in float32 -> float32.
+
+    CUDA: cuBLAS with a float32 output (``torch.mm(..., out_dtype=float32)``). Elsewhere (no
+    such kernel on the CPU) the same arithmetic in a float32 GEMM: bfloat16 products are exact
+    in float32, so only the order of the float32 sums differs."""
+    if a.device.type == "cuda":
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+class SplitImages:
+    """The image side of the bf16x6 kernel, split once per model: centred images y' [N, n]
+    float32 as ``stacked`` [y'0 y'0 y'0 y'1 y'1 y'2] [N, 6n] and ``squares`` [y'²0 y'²1 y'²2]
+    [N, 3n] bfloat16, and the values of the softmax average ``values`` y'ᵀ [n, N] float32."""
+
+    def __init__(self, images: torch.Tensor, mean: torch.Tensor, rows: int = 4096) -> None:
+        num, n = images.shape
+        device = images.device
+        self.stacked = torch.empty(num, 6 * n, dtype=torch.bfloat16, device=device)
+        self.squares = torch.empty(num, 3 * n, dtype=torch.bfloat16, device=device)
+        self.values = torch.empty(n, num, dtype=torch.float32, device=device)
+        mean32 = mean.to(device, torch.float32)
+        for start in range(0, num, rows):  # in slices: float32 temporaries stay small
+            part = slice(start, min(start + rows, num))
+            y_c = images[part].to(torch.float32) - mean32
+            self.values[:, part] = y_c.T
+            p = split_bf16x3(y_c)
+            for slot, i in enumerate((0, 0, 0, 1, 1, 2)):
+                self.stacked[part, slot * n : (slot + 1) * n] = p[i]
+            self.squares[part] = split_bf16x3(y_c.square_()).permute(1, 0, 2).reshape(-1, 3 * n)
+
+
+def split_weights_bf16x6(x_c: torch.Tensor, mask_t: torch.Tensor) -> torch.Tensor:
+    """W[n, (m, b)] = M[n, m] x'[b, n] for x_c [B, n] and Mᵀ ``mask_t`` [n_out, n_in] float32,
+    as [W0; W1; W2; W0; W1; W0] [6n, n_out·B] bfloat16 (pairs with SplitImages.stacked)."""
+    batch, n = x_c.shape
+    weights = mask_t.T.unsqueeze(2) * x_c.T.unsqueeze(1)  # [n_in, n_out, B]
+    p = split_bf16x3(weights.view(n, -1))
+    del weights
+    return torch.cat([p[0], p[1], p[2], p[0], p[1], p[0]], dim=0)
+
+
+def dense_logits_bf16x6(stacked: torch.Tensor, squares: torch.Tensor, weights6: torch.Tensor,
+                        mask3_t: torch.Tensor, batch: int, a: float, scale: float) -> torch.Tensor:
+    """:func:`dense_logits` with the bf16x6 kernel for one chunk of K images: ``stacked``
+    [K, 6n] and ``squares`` [K, 3n] (rows of :class:`SplitImages`), ``weights6`` [6n, n_out·B]
+    (:func:`split_weights_bf16x6`), ``mask3_t`` [n_out, 3n]. Returns logits [n_out, B, K] float32."""
+    k = stacked.shape[0]
+    cross = matmul_bf16_to_float32(weights6.T, stacked.T).view(-1, batch, k)  # [n_out, B, K]
+    y2m = matmul_bf16_to_float32(mask3_t, squares.T)  # [n_out, K]
+    cross.mul_(2.0 * a * scale)
+    cross.sub_(y2m.mul_(a * a * scale).unsqueeze(1))
+    return cross
 
 
 def sparse_logits(x: torch.Tensor, y: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]],

@@ -1,0 +1,80 @@
+"""The benchmark app and its core: a small real run (JSON written, deviation measured), the
+report's fields, and the synthetic natural-image proxy used for the GPU figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from locality.benchmarking import BenchSettings, benchmark, brute_force
+from locality.data.synthetic import natural_image_proxy
+from locality.statistics import fit_statistics
+
+
+@pytest.mark.slow
+def test_bench_app_writes_its_report(tmp_path, fmnist_train):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "locality.bench", "hardware=cpu", "dataset.subset_size=300",
+         "sampler.num_samples=2", "sampler.batch_size=2", "sampler.num_steps=4", "bench.repeats=2",
+         "bench.check_subset=100", "bench.check_samples=1", f"bench.output={out}",
+         f"paths.output_dir={tmp_path}/outputs", f"paths.data_dir={tmp_path}/data"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["model"] == "pca_locality" and report["num_train_images"] == 300
+    assert len(report["sampling_total_s_all"]) == 2 and report["sampling_total_s_median"] > 0
+    assert len(report["step_times_s_median"]) == 4 and report["timesteps"][-1] == 0
+    assert report["statistics_fit_s"] > 0 and report["mask_build_s"] >= 0
+    assert set(report["kernels"].values()) <= {"float32", "float64", "sparse"}
+    assert len(report["max_abs_dev_per_step"]) == 4
+    assert report["max_abs_dev_vs_float64"] < 1e-4
+
+
+def test_bench_help_explains_it(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "locality.bench", "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "time an analytical denoiser and check it against float64" in proc.stdout
+
+
+def test_benchmark_core_measures_a_real_deviation(monkeypatch):
+    """The check compares with an independent float64 brute force: a model that is off is caught."""
+    from locality.models.pca_locality import PcaLocalityDenoiser
+
+    from test_fast_paths import brute_pca
+
+    images = natural_image_proxy(80, 1, 6, seed=3).float() / 127.5 - 1
+    stats = fit_statistics(images, progress=False)
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    for t in (900, 300, 0):  # the bench's brute force is the SPEC formula of the tests' loops
+        want = brute_pca(x, t, images, stats, 0.02)
+        assert (brute_force("pca_locality", x.reshape(2, -1), t, images.reshape(80, -1), stats,
+                            {"mask_threshold": 0.02}) - want).abs().max() < 1e-12
+    settings = BenchSettings(num_samples=2, batch_size=2, num_steps=3, repeats=1, check_subset=40,
+                             check_samples=2)
+    params = {"mask_threshold": 0.02, "dtype": torch.float64, "device": torch.device("cpu")}
+    report = benchmark("pca_locality", params, images, "proxy", settings, needs_statistics=True)
+    assert report["max_abs_dev_vs_float64"] < 1e-6
+    call = PcaLocalityDenoiser.__call__
+    monkeypatch.setattr(PcaLocalityDenoiser, "__call__", lambda self, x_t, t: call(self, x_t, t) + 1e-3)
+    off = benchmark("pca_locality", params, images, "proxy", settings, needs_statistics=True)
+    assert off["max_abs_dev_vs_float64"] > 9e-4
+
+
+def test_natural_image_proxy_shapes_and_spectrum():
+    a = natural_image_proxy(50, 3, 16, seed=0)
+    assert a.dtype == torch.uint8 and a.shape == (50, 3, 16, 16)
+    assert torch.equal(a, natural_image_proxy(50, 3, 16, seed=0))
+    assert not torch.equal(a, natural_image_proxy(50, 3, 16, seed=1))
+    assert torch.equal(natural_image_proxy(50, 1, 16, seed=0, chunk=7), natural_image_proxy(50, 1, 16, seed=0))
+    z = natural_image_proxy(400, 1, 32, seed=0)[:, 0].double()
+    power = torch.fft.fft2(z - z.mean(0)).abs().square().mean(0)
+    assert power[1, 0] > 10 * power[8, 0] > 10 * power[16, 16]  # falls like 1/f²: neighbours correlate
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        natural_image_proxy(2, 2, 8)
