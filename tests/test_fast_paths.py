@@ -273,3 +273,15 @@ def test_bf16x6_sample_groups(synth, monkeypatch):
     got = model(x, 700).double().reshape(len(x), -1)
     assert model.last_kernel == "bf16x6"
     assert (got - want).abs().max() < 1e-4
+
+
+def test_bf16x6_memory_rule():
+    """auto takes bf16x6 only where the split images and one sample's weights fit half the free memory."""
+    from locality.models.fast_masked import bf16x6_fits
+
+    assert bf16x6_fits(784, 60000, 80 << 30)  # Fashion-MNIST on an 80 GB card: 1.0 GB + 16 MB
+    assert bf16x6_fits(12288, 30000, 70 << 30)  # CelebA 64 px: 8.1 GB + 3.9 GB
+    assert not bf16x6_fits(49152, 30000, 70 << 30)  # 128 px: 32 GB + 63 GB
+    n, num = 3072, 50000
+    need = 22 * num * n + 26 * n * n
+    assert bf16x6_fits(n, num, 2 * need) and not bf16x6_fits(n, num, 2 * need - 2)

@@ -207,6 +207,13 @@ class SplitImages:
             self.squares[part] = split_bf16x3(y_c.square_()).permute(1, 0, 2).reshape(-1, 3 * n)
 
 
+def bf16x6_fits(n: int, num_images: int, free_bytes: int) -> bool:
+    """Whether ``auto`` may choose bf16x6: the split images (22 bytes a value: nine bfloat16
+    parts and the float32 values) and one sample's split weights (26·n² bytes) take at most half
+    of the free device memory (else the float32 kernel, which needs neither)."""
+    return 22 * num_images * n + 26 * n * n <= free_bytes // 2
+
+
 def split_weights_bf16x6(x_c: torch.Tensor, mask_t: torch.Tensor) -> torch.Tensor:
     """W[n, (m, b)] = M[n, m] x'[b, n] for x_c [B, n] and Mᵀ ``mask_t`` [n_out, n_in] float32,
     as [W0; W1; W2; W0; W1; W0] [6n, n_out·B] bfloat16 (pairs with SplitImages.stacked)."""

@@ -27,6 +27,7 @@ unless ``chunk_size`` is given.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -35,13 +36,15 @@ from locality.models.analytical import _DatasetDenoiser, _flat
 from locality.models.base import register_model
 from locality.models.fast_masked import (
     CUDA_SPARSE_MAX_DENSITY, DENSE_KERNELS, LOGIT_TOLERANCE, MaskPlan, dense_logit_error_estimate, dense_logits,
-    KERNEL_ROUNDING_FACTOR, SplitImages, dense_logits_bf16x6, plan_mask, sparse_logits,
+    KERNEL_ROUNDING_FACTOR, SplitImages, bf16x6_fits, dense_logits_bf16x6, plan_mask, sparse_logits,
     split_weights_bf16x6,
 )
 from locality.models.masks import locality_mask
-from locality.models.memory import memory_budget
+from locality.models.memory import available_memory, memory_budget
 from locality.models.softmax import OnlineSoftmaxAverage
 from locality.statistics import DataStatistics
+
+log = logging.getLogger(__name__)
 
 
 @register_model("pca_locality")
@@ -76,6 +79,7 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
         self.last_strategy: tuple[str, torch.dtype] | None = None  # for tests and the bench
         self.last_kernel: str | None = None  # sparse, float64, float32 or bf16x6
         self._split: SplitImages | None = None  # the image side of bf16x6, split on first use
+        self._auto_bf16x6: bool | None = None  # auto on CUDA: does bf16x6 fit (decided once)
 
     @classmethod
     def from_data(cls, images: torch.Tensor, stats: DataStatistics, **params):
@@ -96,13 +100,24 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
     def float32_kernel(self, plan: MaskPlan) -> str:
         """The kernel of a float32 dense step: ``float32`` or ``bf16x6`` (``dense_kernel``;
         auto: bf16x6 on CUDA where the mask is binary)."""
-        if self.dense_kernel == "bf16x6" or (self.dense_kernel == "auto" and self.device.type == "cuda"):
-            if plan.binary:
-                return "bf16x6"
-            if self.dense_kernel == "bf16x6":
+        if self.dense_kernel == "bf16x6":
+            if not plan.binary:
                 raise ValueError("model.dense_kernel=bf16x6 needs binary masks: set model.mask_threshold > 0 "
                                  "or model.dense_kernel=auto")
+            return "bf16x6"
+        if self.dense_kernel == "auto" and self.device.type == "cuda" and plan.binary and self._bf16x6_fits():
+            return "bf16x6"
         return "float32"
+
+    def _bf16x6_fits(self) -> bool:
+        """auto on CUDA: bf16x6 where its memory fits the device (decided once per model)."""
+        if self._auto_bf16x6 is None:
+            num, n = self.images.shape
+            self._auto_bf16x6 = self._split is not None or bf16x6_fits(n, num, available_memory(self.device))
+            if not self._auto_bf16x6:
+                log.info("pca_locality: the bf16x6 kernel would not fit the free memory of %s; dense "
+                         "steps use the float32 kernel", self.device)
+        return self._auto_bf16x6
 
     def dense_dtype(self, plan: MaskPlan, abar: float, scale: float, x64: torch.Tensor) -> torch.dtype:
         """The dtype a dense step needs: float64 where the rounding estimate of the float32
