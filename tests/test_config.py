@@ -69,3 +69,15 @@ def test_run_directory_is_unique_per_process_and_names_the_run():
     token = run_dir.rsplit("_", 1)[1]
     assert len(token) == 6 and int(token, 16) >= 0
     assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}_${model.name}_${dataset.name}"
+
+
+def test_dense_kernel_choice_is_checked():
+    import torch
+
+    from locality.config import ConfigError
+    from locality.run import model_params
+
+    name, params = model_params(compose(["model=pca_locality"]).model, torch.device("cpu"))
+    assert name == "pca_locality" and params["dense_kernel"] == "auto"
+    with pytest.raises(ConfigError, match="model.dense_kernel must be one of auto, float32, bf16x6, got 'tf32'"):
+        model_params(compose(["model=pca_locality", "model.dense_kernel=tf32"]).model, torch.device("cpu"))
