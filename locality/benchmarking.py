@@ -86,13 +86,13 @@ def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, setti
 
     device = torch.device(params["device"])
     smp = settings
-    check_subset, check_samples, repeats = smp.check_subset, smp.check_samples, smp.repeats
+    check_subset, check_samples = smp.check_subset, smp.check_samples
     report: dict = {"model": name, "dataset": dataset, "device": str(device),
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "params": {k: str(v) for k, v in params.items()},
-                    "num_samples": int(smp.num_samples), "num_steps": int(smp.num_steps),
-                    "batch_size": int(smp.batch_size), "threads": torch.get_num_threads()}
-    report["num_train_images"] = int(images.shape[0])
+                    "num_samples": smp.num_samples, "num_steps": smp.num_steps,
+                    "batch_size": smp.batch_size, "threads": torch.get_num_threads(),
+                    "num_train_images": int(images.shape[0])}
     shape = tuple(images.shape[1:])
 
     stats = None
@@ -102,15 +102,15 @@ def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, setti
         report["statistics_fit_s"] = time.perf_counter() - start
 
     model = build_model(name, images, stats, **params)
-    # the reference figure (2.1 GB) is the process peak; report both the process peak and the
-    # growth while sampling (VmHWM reset before sampling where Linux allows it)
     if hasattr(model, "plan"):  # per-timestep constants (masks), like the statistics: timed apart
         from locality.schedule import ddim_timesteps
 
         start = time.perf_counter()
-        for t in ddim_timesteps(int(smp.num_steps)):
+        for t in ddim_timesteps(smp.num_steps):
             model.plan(int(t))
         report["mask_build_s"] = time.perf_counter() - start
+    # the reference figure (2.1 GB) is the process peak; report both the process peak and the
+    # growth while sampling (VmHWM reset before sampling where Linux allows it)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base_rss = _vm_hwm_bytes()
@@ -123,10 +123,9 @@ def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, setti
     def record_kernel(i, t, x_t, x0, part) -> None:
         kernels[int(t)] = str(getattr(model, "last_kernel", None))
 
-    for _ in range(repeats):
-        result = sample(model, num_samples=int(smp.num_samples), image_shape=shape,
-                        num_steps=int(smp.num_steps), seed=int(smp.seed),
-                        batch_size=int(smp.batch_size), device=device, clip_x0=bool(smp.clip_x0),
+    for _ in range(smp.repeats):
+        result = sample(model, num_samples=smp.num_samples, image_shape=shape, num_steps=smp.num_steps,
+                        seed=smp.seed, batch_size=smp.batch_size, device=device, clip_x0=smp.clip_x0,
                         keep_trajectory=check_samples > 0, on_step=record_kernel)
         totals.append(result.total_time_s)
         per_step.append(result.step_times_s)

@@ -117,8 +117,9 @@ def test_cuda_unet_reference_vector_and_bf16_training(tmp_path):
         out = model(ref["x"].to(CUDA), ref["t"].to(CUDA)).cpu()
     # cuDNN convolutions use TF32 by default (torch.backends.cudnn.allow_tf32): 3e-3 seen on an H100
     assert (out - ref["expected_output"]).abs().max() < 1e-2
-    images = _data(num=64, side=8).repeat(1, 1, 1, 1)
+    images = _data(num=64, side=8)
     tiny = dict(ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0, in_channels=1, out_channels=1)
-    train_unet(images, tiny, epochs=1, batch_size=16, device=CUDA, checkpoint_dir=tmp_path, progress=False)
+    result = train_unet(images, tiny, epochs=1, batch_size=16, device=CUDA, checkpoint_dir=tmp_path, progress=False)
+    assert (result.epoch, result.step) == (1, 4)  # 64 images, batches of 16 (bf16 autocast on CUDA)
+    assert math.isfinite(result.last_loss) and next(result.model.parameters()).device.type == "cuda"
     assert any(tmp_path.iterdir())
-    assert math.isfinite(float(next(iter(model.parameters())).sum()))

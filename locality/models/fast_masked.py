@@ -217,9 +217,8 @@ def bf16x6_fits(n: int, num_images: int, free_bytes: int) -> bool:
 def split_weights_bf16x6(x_c: torch.Tensor, mask_t: torch.Tensor) -> torch.Tensor:
     """W[n, (m, b)] = M[n, m] x'[b, n] for x_c [B, n] and Mᵀ ``mask_t`` [n_out, n_in] float32,
     as [W0; W1; W2; W0; W1; W0] [6n, n_out·B] bfloat16 (pairs with SplitImages.stacked)."""
-    batch, n = x_c.shape
     weights = mask_t.T.unsqueeze(2) * x_c.T.unsqueeze(1)  # [n_in, n_out, B]
-    p = split_bf16x3(weights.view(n, -1))
+    p = split_bf16x3(weights.view(weights.shape[0], -1))
     del weights
     return torch.cat([p[0], p[1], p[2], p[0], p[1], p[0]], dim=0)
 

@@ -184,7 +184,9 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
         split, n = self._split, x64.shape[1]
         x_c = (x64 - a * self.mean64).float()  # [B, n] centred samples
         mask_t, mask3_t = plan.dense_mask(torch.float32), plan.mask_bf16x3()
-        group = max(1, memory_budget(self.device) // (4 * 2 * 6 * n * n))  # weights + split temporaries
+        # 48 bytes per mask entry and sample: the split weights peak at 26 (float32 weights and
+        # remainder, three parts, the six stacked), with headroom for the allocator
+        group = max(1, memory_budget(self.device) // (48 * n * n))
         outs = []
         for b0 in range(0, x_c.shape[0], group):
             xs = x_c[b0 : b0 + group]
