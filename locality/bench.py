@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from locality.atomic import write_json_atomic
 from locality.benchmarking import BenchSettings, benchmark
-from locality.config import get_bool, get_int, register_resolvers
+from locality.config import ConfigError, get_bool, get_choice, get_int, register_resolvers
 
 register_resolvers()
 log = logging.getLogger("locality.bench")
@@ -37,9 +37,22 @@ def run_bench(cfg: DictConfig) -> dict:
         repeats=get_int(cfg.bench, "repeats", "bench", minimum=1),
         check_subset=get_int(cfg.bench, "check_subset", "bench", minimum=2, optional=True),
         check_samples=get_int(cfg.bench, "check_samples", "bench", minimum=0),
+        versus_kernel=versus_kernel(cfg.bench, name),
     )
     images = load_training_images(cfg)
     return benchmark(name, params, images, str(cfg.dataset.name), settings, name in NEEDS_STATISTICS)
+
+
+def versus_kernel(bench: DictConfig, name: str) -> str | None:
+    """bench.versus_kernel: null, or a model.dense_kernel choice timed side by side (pca_locality)."""
+    from locality.models.fast_masked import DENSE_KERNELS
+
+    if bench.get("versus_kernel") is None:
+        return None
+    if name != "pca_locality":
+        raise ConfigError(f"bench.versus_kernel compares dense kernels of pca_locality; model={name} has none: "
+                          "drop bench.versus_kernel")
+    return get_choice(bench, "versus_kernel", "bench", DENSE_KERNELS)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")

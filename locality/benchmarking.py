@@ -74,12 +74,17 @@ class BenchSettings:
     repeats: int = 3
     check_subset: int | None = 1000
     check_samples: int = 2
+    versus_kernel: str | None = None  # a second model.dense_kernel, timed in alternation
 
 
 def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, settings: BenchSettings,
               needs_statistics: bool) -> dict:
     """Time fitting and sampling of model ``name`` (keyword ``params``, ``device`` among them)
-    on ``images`` [N, C, H, W]; returns the report (a JSON-able dict)."""
+    on ``images`` [N, C, H, W]; returns the report (a JSON-able dict).
+
+    With ``settings.versus_kernel`` a second model with that ``dense_kernel`` samples the same
+    noise after each run of the first (A B A B …), so both medians come from the same minutes of
+    the machine; the report's ``versus`` holds its figures and the ratio of the medians."""
     from locality.models import build_model
     from locality.pipeline import sample
     from locality.statistics import fit_statistics
@@ -109,6 +114,10 @@ def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, setti
         for t in ddim_timesteps(smp.num_steps):
             model.plan(int(t))
         report["mask_build_s"] = time.perf_counter() - start
+    rival = None
+    if smp.versus_kernel is not None:
+        rival = build_model(name, images, stats, **{**params, "dense_kernel": smp.versus_kernel})
+        rival._masks, rival._plans = model._masks, model._plans  # the same masks, built once
     # the reference figure (2.1 GB) is the process peak; report both the process peak and the
     # growth while sampling (VmHWM reset before sampling where Linux allows it)
     if device.type == "cuda":
@@ -119,16 +128,23 @@ def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, setti
     totals, per_step = [], []
     result = None
     kernels: dict[int, str] = {}
+    rival_totals, rival_steps, rival_kernels = [], [], {}
 
-    def record_kernel(i, t, x_t, x0, part) -> None:
-        kernels[int(t)] = str(getattr(model, "last_kernel", None))
+    def run(which, record: dict, trajectory: bool):
+        return sample(which, num_samples=smp.num_samples, image_shape=shape, num_steps=smp.num_steps,
+                      seed=smp.seed, batch_size=smp.batch_size, device=device, clip_x0=smp.clip_x0,
+                      keep_trajectory=trajectory,
+                      on_step=lambda i, t, x_t, x0, part: record.__setitem__(int(t), str(which.last_kernel))
+                      if hasattr(which, "last_kernel") else None)
 
     for _ in range(smp.repeats):
-        result = sample(model, num_samples=smp.num_samples, image_shape=shape, num_steps=smp.num_steps,
-                        seed=smp.seed, batch_size=smp.batch_size, device=device, clip_x0=smp.clip_x0,
-                        keep_trajectory=check_samples > 0, on_step=record_kernel)
+        result = run(model, kernels, check_samples > 0)
         totals.append(result.total_time_s)
         per_step.append(result.step_times_s)
+        if rival is not None:
+            other = run(rival, rival_kernels, False)
+            rival_totals.append(other.total_time_s)
+            rival_steps.append(other.step_times_s)
     report["sampling_total_s_median"] = pystats.median(totals)
     report["sampling_total_s_all"] = totals
     report["time_per_step_s_median"] = pystats.median(totals) / len(result.timesteps)
@@ -144,6 +160,13 @@ def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, setti
         report["strategies"] = {int(t): p.strategy for t, p in strategies.items()}
     if getattr(model, "last_kernel", None) is not None:  # kernels of the last sampled run, per step
         report["kernels"] = kernels
+    if rival is not None:
+        report["versus"] = {"dense_kernel": smp.versus_kernel,
+                            "sampling_total_s_median": pystats.median(rival_totals),
+                            "sampling_total_s_all": rival_totals,
+                            "step_times_s_median": [pystats.median(col) for col in zip(*rival_steps)],
+                            "kernels": rival_kernels,
+                            "speedup_of_model": pystats.median(rival_totals) / pystats.median(totals)}
 
     if check_samples > 0:
         subset = images[: check_subset or images.shape[0]]

@@ -21,7 +21,7 @@ def test_bench_app_writes_its_report(tmp_path, fmnist_train):
     proc = subprocess.run(
         [sys.executable, "-m", "locality.bench", "hardware=cpu", "dataset.subset_size=300",
          "sampler.num_samples=2", "sampler.batch_size=2", "sampler.num_steps=4", "bench.repeats=2",
-         "bench.check_subset=100", "bench.check_samples=1", f"bench.output={out}",
+         "bench.check_subset=100", "bench.check_samples=1", "bench.versus_kernel=float32", f"bench.output={out}",
          f"paths.output_dir={tmp_path}/outputs", f"paths.data_dir={tmp_path}/data"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
@@ -31,9 +31,22 @@ def test_bench_app_writes_its_report(tmp_path, fmnist_train):
     assert len(report["sampling_total_s_all"]) == 2 and report["sampling_total_s_median"] > 0
     assert len(report["step_times_s_median"]) == 4 and report["timesteps"][-1] == 0
     assert report["statistics_fit_s"] > 0 and report["mask_build_s"] >= 0
-    assert set(report["kernels"].values()) <= {"float32", "float64", "sparse"}
+    int8 = {f"int8x{d}" for d in range(1, 6)}
+    assert set(report["kernels"].values()) <= {"float32", "float64", "sparse"} | int8
+    versus = report["versus"]  # the float32 kernel, timed in alternation
+    assert versus["dense_kernel"] == "float32" and len(versus["sampling_total_s_all"]) == 2
+    assert set(versus["kernels"].values()) <= {"float32", "float64", "sparse"}
+    assert len(versus["step_times_s_median"]) == 4 and versus["speedup_of_model"] > 0
     assert len(report["max_abs_dev_per_step"]) == 4
     assert report["max_abs_dev_vs_float64"] < 1e-4
+
+
+def test_bench_versus_kernel_is_for_pca_locality(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "locality.bench", "model=optimal", "bench.versus_kernel=float32",
+                           f"paths.output_dir={tmp_path}/outputs"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "bench.versus_kernel compares dense kernels of pca_locality; model=optimal has none" in proc.stderr
 
 
 def test_bench_help_explains_it(tmp_path):
