@@ -1,12 +1,13 @@
 """The GPU benchmark of the README's performance section (no Hydra needed: it calls
-locality.benchmarking directly). Usage: ``python scripts/gpu_check.py OUT_DIR --probe|--fmnist|--large [--smoke]``
-(scripts/gpu_check.sh runs all three). ``--probe``: the bf16x6 logits' exactness and speed.
+locality.benchmarking directly). Usage: ``python scripts/gpu_check.py OUT_DIR --probe|--fmnist|--large|--kernels [--smoke]``
+(scripts/gpu_check.sh runs all three). ``--probe``: the bf16x6 logits' exactness and speed; ``--kernels``: one dense step of bf16x3
+and int8 at three image sizes (auto's crossover).
 The others write their reports to OUT_DIR/bench_<section>.json as they go:
-  --fmnist: 1. pca_locality, full Fashion-MNIST (θ = 0.005), 32 samples, 10 steps: default kernels
-     (bf16x6 dense steps), then the plain float32 GEMM for comparison, then 8 samples;
-  2. optimal, full Fashion-MNIST, 32 samples;
-  --large: 3. pca_locality on a CIFAR-10-shaped proxy (50 000 x 3 x 32 x 32, θ = 0.05), 64 samples;
-  4. pca_locality on a CelebA-HQ-64-shaped proxy (30 000 x 3 x 64 x 64, θ = 0.02), 8 samples.
+  --fmnist: 1. pca_locality, full Fashion-MNIST (θ = 0.005), 32 samples, 10 steps: the default
+     (bf16x3 and int8 dense steps) in alternation with dense_kernel=bf16x6, then with int8, then 8 samples;
+  --large: 2. pca_locality on a CIFAR-10-shaped proxy (50 000 x 3 x 32 x 32, θ = 0.05), 64 samples,
+     the default in alternation with int8;
+  3. pca_locality on a CelebA-HQ-64-shaped proxy (30 000 x 3 x 64 x 64, θ = 0.02), 8 samples.
 The proxies are 1/f² Gaussian fields (locality.data.synthetic): real CIFAR-10 / CelebA-HQ
 cannot be downloaded where this was written. ``--smoke`` runs tiny sizes on the CPU (a check
 of this script before spending GPU time).
@@ -81,11 +82,54 @@ def probe(device: torch.device) -> dict:
     return report
 
 
+def kernel_steps(device: torch.device, smoke: bool) -> list[dict]:
+    """One dense step (t = 500, float32 accuracy) of bf16x3 and of int8 (3 digits) on random
+    8-bit images with a random binary mask of density 0.5, at the Fashion-MNIST, CIFAR-10 and
+    CelebA-HQ-64 shapes: medians of 3 after a warm-up, in alternation (auto's crossover)."""
+    from locality.models.eight_bit import Bf16CodeImages, Int8Images, bf16x3_step, eight_bit_codes, int8_step
+    from locality.models.fast_masked import plan_mask
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    shapes = [(784, 32, 60000), (3072, 64, 50000), (12288, 8, 30000)]
+    if smoke:
+        shapes = [(64, 4, 300), (192, 4, 200)]
+    out = []
+    for n, batch, num in shapes:
+        g = torch.Generator().manual_seed(n)
+        images = (torch.randint(0, 256, (num, n), generator=g).float() / 255 - 0.5) / 0.5
+        images = images.to(device)
+        plan = plan_mask((torch.rand(n, n, generator=g, dtype=torch.float64) < 0.5).double(), device)
+        x64 = torch.randn(batch, n, generator=g, dtype=torch.float64).to(device)
+        codes = eight_bit_codes(images)
+        runs = {"bf16x3": (lambda c=Bf16CodeImages(codes): bf16x3_step(c, images, plan, x64, 0.6, 0.8, None)),
+                "int8x3": (lambda c=Int8Images(codes, "int_mm"): int8_step(
+                    c, images, plan.dense_mask(torch.int8), x64, 0.6, 0.8, 3, torch.float32, None))}
+        times: dict = {k: [] for k in runs}
+        for rep in range(4):
+            for name, fn in runs.items():
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                if rep:
+                    times[name].append(time.perf_counter() - start)
+        row = {"n": n, "samples": batch, "images": num, **{k: sorted(v)[1] for k, v in times.items()}}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+        del images, plan, x64, codes, runs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     smoke = "--smoke" in sys.argv
     device = torch.device("cpu" if smoke else "cuda")
     scale = (lambda n: max(n // 200, 64)) if smoke else (lambda n: n)
+    if "--kernels" in sys.argv:
+        write_json_atomic(kernel_steps(device, smoke), out / "kernel_steps.json")
+        return
     if "--probe" in sys.argv:
         report = probe(device)
         print(json.dumps(report), flush=True)
@@ -111,25 +155,20 @@ def main() -> None:
     pca = {"mask_threshold": 0.005, "dtype": torch.float32, "temperature": 1.0}
     if section == "fmnist":
         fmnist = load_dataset("fashion_mnist", root="/nonexistent", progress=False)[: scale(60000)]
-        run("fmnist_pca_32_auto", "pca_locality", pca, fmnist, "fashion_mnist",
-            num_samples=32, batch_size=32, repeats=5, check_subset=1000, check_samples=2)
-        from locality.models import fast_masked
-
-        saved = fast_masked.KERNEL_ROUNDING_FACTOR["bf16x6"]
-        fast_masked.KERNEL_ROUNDING_FACTOR["bf16x6"] = 1.0  # calibration: bf16x6 wherever float32 would go
-        run("fmnist_pca_32_auto_factor1", "pca_locality", pca, fmnist, "fashion_mnist",
-            num_samples=32, batch_size=32, repeats=3, check_subset=1000, check_samples=2)
-        fast_masked.KERNEL_ROUNDING_FACTOR["bf16x6"] = saved
-        run("fmnist_pca_32_float32", "pca_locality", {**pca, "dense_kernel": "float32"}, fmnist,
-            "fashion_mnist", num_samples=32, batch_size=32, repeats=3, check_samples=0)
+        # the default (auto: bf16x3, int8 where its estimate fails) timed in alternation with
+        # bf16x6 (the default before the 8-bit kernels) and with int8 alone
+        run("fmnist_pca_32_auto_vs_bf16x6", "pca_locality", pca, fmnist, "fashion_mnist",
+            num_samples=32, batch_size=32, repeats=5, check_subset=1000, check_samples=2,
+            versus_kernel="bf16x6")
+        run("fmnist_pca_32_auto_vs_int8", "pca_locality", pca, fmnist, "fashion_mnist",
+            num_samples=32, batch_size=32, repeats=3, check_samples=0, versus_kernel="int8")
         run("fmnist_pca_8_auto", "pca_locality", pca, fmnist, "fashion_mnist",
             num_samples=8, batch_size=8, repeats=3, check_samples=0)
-        run("fmnist_optimal_32", "optimal", {"dtype": torch.float32}, fmnist, "fashion_mnist",
-            num_samples=32, batch_size=32, repeats=3, check_subset=1000, check_samples=2)
         return
     cifar = to_unit_range(natural_image_proxy(scale(50000), 3, 32, seed=1))
-    run("cifar_proxy_pca_64_auto", "pca_locality", {**pca, "mask_threshold": 0.05}, cifar, "cifar10_proxy",
-        num_samples=64, batch_size=64, repeats=3, check_subset=500, check_samples=1)
+    run("cifar_proxy_pca_64_auto_vs_int8", "pca_locality", {**pca, "mask_threshold": 0.05}, cifar,
+        "cifar10_proxy", num_samples=64, batch_size=64, repeats=2, check_subset=500, check_samples=1,
+        versus_kernel="int8")
     del cifar
     celeba = to_unit_range(natural_image_proxy(scale(30000), 3, 64 if not smoke else 16, seed=2))
     run("celeba64_proxy_pca_8_auto", "pca_locality", {**pca, "mask_threshold": 0.02}, celeba,

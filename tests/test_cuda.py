@@ -55,20 +55,60 @@ def test_cuda_float64_matches_brute_force(synth):
 
 def test_cuda_default_matches_float64_on_the_full_fashion_mnist(fmnist_train):
     """The benchmark setting on the GPU: all 60 000 images, θ = 0.005, the default kernels
-    (bf16x6 dense steps), every DDIM step within 1e-4 of a float64 run."""
+    (bf16x3, then int8 where bf16x3's estimate fails: the images are 8-bit), int8 alone and
+    bf16x6, every DDIM step within 1e-4 of a float64 run."""
     from locality.pipeline import sample
 
     stats = fit_statistics(fmnist_train, progress=False)
     m64 = build_model("pca_locality", fmnist_train, stats, mask_threshold=0.005, dtype=torch.float64, device=CUDA)
-    fast = build_model("pca_locality", fmnist_train, stats, mask_threshold=0.005, dtype=torch.float32, device=CUDA)
     result = sample(m64, num_samples=4, image_shape=(1, 28, 28), num_steps=10, seed=5, device=CUDA,
                     keep_trajectory=True)
-    kernels = set()
-    for i, t in enumerate(result.timesteps):
-        diff = (fast(result.x_t[i].to(CUDA), t).cpu() - result.x0_pred[i]).abs().max().item()
-        kernels.add(fast.last_kernel)
-        assert diff < 1e-4, f"t={t}: {diff} ({fast.last_kernel})"
-    assert "bf16x6" in kernels
+    for kernel, expected in (("auto", "bf16x3"), ("auto", "int8x"), ("int8", "int8x"), ("bf16x6", "bf16x6")):
+        fast = build_model("pca_locality", fmnist_train, stats, mask_threshold=0.005, dtype=torch.float32,
+                           device=CUDA, dense_kernel=kernel)
+        kernels = set()
+        for i, t in enumerate(result.timesteps):
+            diff = (fast(result.x_t[i].to(CUDA), t).cpu() - result.x0_pred[i]).abs().max().item()
+            kernels.add(fast.last_kernel)
+            assert diff < 1e-4, f"{kernel} t={t}: {diff} ({fast.last_kernel})"
+        assert any(k.startswith(expected) for k in kernels), kernels
+
+
+@pytest.mark.parametrize("t,threshold", [(900, 0.005), (500, 0.05), (100, 0.02), (0, 0.02)])
+@pytest.mark.parametrize("chunk,count", [(7, 1), (None, 3)])
+def test_cuda_int8_matches_brute_force_and_the_cpu(t, threshold, chunk, count):
+    """8-bit data with n = 25 (cuBLAS's padding of n, rows and image counts): the CUDA int8
+    kernel against float64, and against the CPU's torch._int_mm backend (the same exact
+    integer sums: the results agree to float32 rounding)."""
+    from test_eight_bit import _eight_bit
+
+    images = _eight_bit(_data(num=50, side=5))
+    stats = fit_statistics(images, progress=False)
+    x = _noisy(images, t, count=count)
+    outs = {}
+    for device in (CUDA, torch.device("cpu")):
+        model = build_model("pca_locality", images, stats, mask_threshold=threshold, dtype=torch.float32,
+                            chunk_size=chunk, dense_kernel="int8", device=device)
+        model.int8_backend = lambda: "int_mm"
+        outs[device.type] = model(x.to(device), t).double().cpu().reshape(len(x), -1)
+        if model.plan(t).strategy == "dense" or device.type == "cuda":
+            assert model.last_kernel.startswith("int8x") or model.last_kernel == "sparse"
+    assert (outs["cuda"] - brute_pca(x, t, images, stats, threshold)).abs().max() < 1e-4
+    assert (outs["cuda"] - outs["cpu"]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("t,threshold", [(900, 0.005), (500, 0.05), (300, 0.02)])
+@pytest.mark.parametrize("chunk,count", [(7, 1), (None, 3)])
+def test_cuda_bf16x3_matches_brute_force(t, threshold, chunk, count):
+    from test_eight_bit import _eight_bit
+
+    images = _eight_bit(_data(num=50, side=5))
+    stats = fit_statistics(images, progress=False)
+    x = _noisy(images, t, count=count)
+    model = build_model("pca_locality", images, stats, mask_threshold=threshold, dtype=torch.float32,
+                        chunk_size=chunk, dense_kernel="bf16x3", device=CUDA)
+    got = model(x.to(CUDA), t).double().cpu().reshape(len(x), -1)
+    assert (got - brute_pca(x, t, images, stats, threshold)).abs().max() < 1e-4, model.last_kernel
 
 
 def test_cuda_optimal_wiener_nearest(synth):

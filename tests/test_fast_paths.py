@@ -179,18 +179,21 @@ def test_memory_derived_chunk_sizes(monkeypatch):
 
 
 def test_default_float32_matches_float64_on_the_full_fashion_mnist(fmnist_train):
-    """The shipped default (model.dtype=float32) on the benchmark setting: all 60 000 images,
-    θ = 0.005, every DDIM step, stays within 1e-4 of the float64 computation."""
+    """The shipped default (model.dtype=float32, dense_kernel=auto: the int8 kernel on an
+    AVX-512 CPU, else float32) and the float32 GEMM kernel on the benchmark setting: all 60 000
+    images, θ = 0.005, every DDIM step, stay within 1e-4 of the float64 computation."""
     from locality.pipeline import sample
 
     stats = fit_statistics(fmnist_train, progress=False)
     m64 = build_model("pca_locality", fmnist_train, stats, mask_threshold=0.005, dtype=torch.float64)
-    m32 = build_model("pca_locality", fmnist_train, stats, mask_threshold=0.005, dtype=torch.float32)
     result = sample(m64, num_samples=2, image_shape=(1, 28, 28), num_steps=10, seed=5, keep_trajectory=True)
-    for i, t in enumerate(result.timesteps):
-        x = result.x_t[i]
-        diff = (m32(x, t) - result.x0_pred[i]).abs().max().item()
-        assert diff < 1e-4, f"t={t}: {diff} ({m32.last_strategy})"
+    for kernel in ("auto", "float32"):
+        m32 = build_model("pca_locality", fmnist_train, stats, mask_threshold=0.005, dtype=torch.float32,
+                          dense_kernel=kernel)
+        for i, t in enumerate(result.timesteps):
+            x = result.x_t[i]
+            diff = (m32(x, t) - result.x0_pred[i]).abs().max().item()
+            assert diff < 1e-4, f"{kernel} t={t}: {diff} ({m32.last_kernel})"
 
 
 def test_optimal_float32_matches_float64_on_the_full_fashion_mnist(fmnist_train):
@@ -251,12 +254,12 @@ def test_bf16x6_needs_a_binary_mask_and_valid_names(synth):
     images, stats = synth
     model = build_model("pca_locality", images, stats, mask_threshold=0.0, dtype=torch.float32,
                         dense_kernel="bf16x6")
-    with pytest.raises(ValueError, match="binary masks"):
+    with pytest.raises(ValueError, match="bf16x6 needs a binary mask"):
         model(_noisy(images, 900), 900)
     auto = build_model("pca_locality", images, stats, mask_threshold=0.0, dtype=torch.float32)
     auto(_noisy(images, 900), 900)
-    assert auto.last_kernel == "float32"  # CPU: auto is the float32 GEMM
-    with pytest.raises(ValueError, match="dense_kernel must be one of auto, float32, bf16x6"):
+    assert auto.last_kernel == "float32"  # CPU, not 8-bit data: auto is the float32 GEMM
+    with pytest.raises(ValueError, match="dense_kernel must be one of auto, float32, bf16x6, bf16x3, int8"):
         build_model("pca_locality", images, stats, dense_kernel="tf32")
 
 

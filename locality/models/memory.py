@@ -39,25 +39,28 @@ def available_memory(device: torch.device | str) -> int:
     return FALLBACK_BUDGET_BYTES
 
 
-def memory_budget(device: torch.device | str, fraction: float = MEMORY_FRACTION) -> int:
+def memory_budget(device: torch.device | str, fraction: float = MEMORY_FRACTION,
+                  cpu_cap: int = CPU_CHUNK_CAP_BYTES) -> int:
     """Bytes one chunk's working set may use: ``fraction`` of the free memory; on the CPU at
-    most CPU_CHUNK_CAP_BYTES (the kernels are cache- and bandwidth-bound there)."""
+    most ``cpu_cap`` (the kernels are cache- and bandwidth-bound there)."""
     device = torch.device(device)
     budget = int(available_memory(device) * fraction)
     if device.type != "cuda":
-        budget = min(budget, CPU_CHUNK_CAP_BYTES)
+        budget = min(budget, cpu_cap)
     return max(budget, 1 << 20)
 
 
 def chunk_rows(bytes_per_row: int, device: torch.device | str, override: int | None = None,
-               total: int | None = None, fraction: float = MEMORY_FRACTION) -> int:
+               total: int | None = None, fraction: float = MEMORY_FRACTION,
+               cpu_cap: int = CPU_CHUNK_CAP_BYTES) -> int:
     """Dataset images per chunk: ``override`` (model.chunk_size) if given, else the memory
-    budget divided by the working-set bytes one image adds; at least 1, at most ``total``."""
+    budget (``cpu_cap`` on the CPU) divided by the working-set bytes one image adds; at least
+    1, at most ``total``."""
     if override is not None:
         if override < 1:
             raise ValueError(f"chunk_size must be a positive integer or null, got {override}")
         rows = int(override)
     else:
-        rows = memory_budget(device, fraction) // max(1, int(bytes_per_row))
+        rows = memory_budget(device, fraction, cpu_cap) // max(1, int(bytes_per_row))
     rows = max(1, rows)
     return min(rows, total) if total else rows

@@ -11,15 +11,21 @@ cheapest exact strategy for that mask (``dense`` expanded GEMM or ``sparse`` gat
 differences) and a precision that keeps the logits within the float64 result:
 
 * ``dtype=float64``: everything in float64 (the exactness oracle).
-* ``dtype=float32`` (the app's default): dense steps at float32 accuracy when the rounding
-  estimate :func:`~locality.models.fast_masked.dense_logit_error_estimate` (times the kernel's
-  rounding factor) allows it, else float64; sparse (low-noise) steps always gather float64
+* ``dtype=float32`` (the app's default): each dense step tries the kernels of
+  :meth:`PcaLocalityDenoiser.candidates` in order and takes the first whose error estimate
+  keeps the logits within ``LOGIT_TOLERANCE`` (float kernels: the rounding estimate
+  :func:`~locality.models.fast_masked.dense_logit_error_estimate` times the kernel's rounding
+  factor; int8: :func:`~locality.models.eight_bit.int8_error_estimate` for 1-5 digits combined in
+  float32 or float64), else float64; sparse (low-noise) steps always gather float64
   differences. On CUDA a sparse-eligible mask runs sparse only below the densities of
   ``CUDA_SPARSE_MAX_DENSITY`` (the gathered kernel is memory-bound there).
 
-``dense_kernel`` picks how a float32 dense step multiplies: ``float32`` (one float32 GEMM),
-``bf16x6`` (float32 accuracy from exact bfloat16 parts on tensor cores; binary masks only)
-or ``auto`` (bf16x6 on CUDA, float32 elsewhere).
+``dense_kernel``: ``float32`` (one float32 GEMM), ``bf16x6`` (float32 accuracy from exact
+bfloat16 parts on tensor cores; binary masks), ``bf16x3`` and ``int8`` (8-bit images and
+binary masks: exact bfloat16 products on tensor cores, exact integer sums on CPU VNNI/AMX or
+CUDA integer tensor cores; :mod:`locality.models.eight_bit`), or ``auto`` (see
+:meth:`PcaLocalityDenoiser.candidates`: bf16x3/int8 on CUDA and int8 on an AVX-512 CPU for
+8-bit images, bf16x6 on CUDA or float32 otherwise).
 
 Chunk sizes derive from the free memory of the device (:mod:`locality.models.memory`),
 unless ``chunk_size`` is given.
@@ -39,12 +45,22 @@ from locality.models.fast_masked import (
     KERNEL_ROUNDING_FACTOR, SplitImages, bf16x6_fits, dense_logits_bf16x6, plan_mask, sparse_logits,
     split_weights_bf16x6,
 )
+from locality.models.eight_bit import (
+    MAX_DIGITS, ONEDNN_MAX_VALUES, Bf16CodeImages, Int8Images, bf16x3_fits, bf16x3_step, eight_bit_codes,
+    int8_error_estimate, int8_step,
+)
 from locality.models.masks import locality_mask
 from locality.models.memory import available_memory, memory_budget
 from locality.models.softmax import OnlineSoftmaxAverage
 from locality.statistics import DataStatistics
 
 log = logging.getLogger(__name__)
+
+# auto on CUDA, 8-bit images: int8 before bf16x3 from this many logit rows (n·B) on. One dense
+# step on an H100 (scripts/gpu_check.py --kernels, 2026-11-26): n·B = 25 088 (Fashion-MNIST, 32
+# samples) bf16x3 31 ms, int8 55 ms; 98 304 (64 px RGB, 8 samples) 0.58 s, 0.72 s; 196 608
+# (CIFAR-10 size, 64 samples) 1.42 s, 0.49 s: the bfloat16 GEMM slows down on the tallest shape
+INT8_FIRST_ROWS = 1 << 17
 
 
 @register_model("pca_locality")
@@ -77,9 +93,13 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
             float((ys.double() - self.mean64).abs().max()) for ys in self.images.split(8192)
         )
         self.last_strategy: tuple[str, torch.dtype] | None = None  # for tests and the bench
-        self.last_kernel: str | None = None  # sparse, float64, float32 or bf16x6
-        self._split: SplitImages | None = None  # the image side of bf16x6, split on first use
-        self._auto_bf16x6: bool | None = None  # auto on CUDA: does bf16x6 fit (decided once)
+        self.last_kernel: str | None = None  # sparse, float64, float32, bf16x6, bf16x3 or int8x<digits>
+        self._auto_fits: dict[str, bool] = {}  # auto on CUDA: do bf16x6 / bf16x3 fit (decided once)
+        # image sides of the kernels, built on first use
+        self._split: SplitImages | None = None  # bf16x6
+        self._codes: torch.Tensor | None | bool = False  # 8-bit codes (False: not looked at yet)
+        self._int8: Int8Images | None = None  # int8
+        self._bf16: Bf16CodeImages | None = None  # bf16x3
 
     @classmethod
     def from_data(cls, images: torch.Tensor, stats: DataStatistics, **params):
@@ -97,37 +117,88 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
             self._plans[t] = plan_mask(self.mask(t), self.device)
         return self._plans[t]
 
-    def float32_kernel(self, plan: MaskPlan) -> str:
-        """The kernel of a float32 dense step: ``float32`` or ``bf16x6`` (``dense_kernel``;
-        auto: bf16x6 on CUDA where the mask is binary)."""
-        if self.dense_kernel == "bf16x6":
-            if not plan.binary:
-                raise ValueError("model.dense_kernel=bf16x6 needs binary masks: set model.mask_threshold > 0 "
-                                 "or model.dense_kernel=auto")
-            return "bf16x6"
-        if self.dense_kernel == "auto" and self.device.type == "cuda" and plan.binary and self._bf16x6_fits():
-            return "bf16x6"
-        return "float32"
+    def eight_bit_codes(self) -> torch.Tensor | None:
+        """D = q - 128 [N, n] int8 when the images are 8-bit values (2q - 255)/255, else None
+        (looked up once per model)."""
+        if self._codes is False:
+            self._codes = eight_bit_codes(self.images)
+        return self._codes
 
-    def _bf16x6_fits(self) -> bool:
-        """auto on CUDA: bf16x6 where its memory fits the device (decided once per model)."""
-        if self._auto_bf16x6 is None:
+    def int8_backend(self) -> str:
+        """How the int8 kernel multiplies here: ``onednn`` (an x86 CPU with oneDNN and
+        n ≤ 1024), else ``int_mm`` (CUDA's integer tensor cores, or any CPU)."""
+        onednn = (self.device.type == "cpu" and torch.backends.mkldnn.is_available()
+                  and hasattr(torch.ops.onednn, "qlinear_pointwise") and self.images.shape[1] <= ONEDNN_MAX_VALUES)
+        return "onednn" if onednn else "int_mm"
+
+    def _fits(self, kernel: str) -> bool:
+        """auto on CUDA: whether a tensor-core kernel's image side fits (decided once per model)."""
+        if kernel not in self._auto_fits:
             num, n = self.images.shape
-            self._auto_bf16x6 = self._split is not None or bf16x6_fits(n, num, available_memory(self.device))
-            if not self._auto_bf16x6:
-                log.info("pca_locality: the bf16x6 kernel would not fit the free memory of %s; dense "
-                         "steps use the float32 kernel", self.device)
-        return self._auto_bf16x6
+            rule = bf16x6_fits if kernel == "bf16x6" else bf16x3_fits
+            self._auto_fits[kernel] = rule(n, num, available_memory(self.device))
+            if not self._auto_fits[kernel]:
+                log.info("pca_locality: the %s kernel would not fit the free memory of %s", kernel, self.device)
+        return self._auto_fits[kernel]
 
-    def dense_dtype(self, plan: MaskPlan, abar: float, scale: float, x64: torch.Tensor) -> torch.dtype:
-        """The dtype a dense step needs: float64 where the rounding estimate of the float32
-        kernel exceeds the tolerance (or dtype=float64), else float32."""
+    def candidates(self, plan: MaskPlan, batch: int) -> list[str]:
+        """The dense kernels a float32-accuracy step of ``batch`` samples tries, in order,
+        before float64.
+
+        An explicit ``dense_kernel`` is the only candidate (binary masks and, for bf16x3 and
+        int8, 8-bit images required). ``auto``, for 8-bit images with a binary mask: on CUDA
+        bf16x3 then int8, or int8 alone from ``INT8_FIRST_ROWS`` logit rows (n·B) on or where
+        bf16x3 does not fit; on the CPU int8 where oneDNN runs it on AVX-512 (VNNI/AMX integer
+        units beat the float32 FMAs). Other images: bf16x6 on CUDA where it fits, else float32."""
+        kernel = self.dense_kernel
+        if kernel != "auto":
+            if kernel != "float32" and not plan.binary:
+                raise ValueError(f"model.dense_kernel={kernel} needs a binary mask: set model.mask_threshold > 0, "
+                                 "or use model.dense_kernel=auto")
+            if kernel in ("bf16x3", "int8") and self.eight_bit_codes() is None:
+                raise ValueError(f"model.dense_kernel={kernel} needs 8-bit images (values (2q - 255)/255 for q in "
+                                 "0..255), or use model.dense_kernel=auto")
+            return [kernel]
+        if not plan.binary:
+            return ["float32"]
+        eight_bit = self.eight_bit_codes() is not None
+        if self.device.type == "cuda":
+            if eight_bit:
+                rows = self.images.shape[1] * batch
+                return ["bf16x3", "int8"] if rows < INT8_FIRST_ROWS and self._fits("bf16x3") else ["int8"]
+            return ["bf16x6"] if self._fits("bf16x6") else ["float32"]
+        avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+        return ["int8"] if eight_bit and avx512 and self.int8_backend() == "onednn" else ["float32"]
+
+    def dense_choice(self, plan: MaskPlan, abar: float, scale: float,
+                     x64: torch.Tensor) -> tuple[str, torch.dtype, int]:
+        """(kernel, dtype, digits) of a dense step: the first candidate whose error estimate
+        stays within the tolerance (float kernels: :func:`dense_logit_error_estimate` times the
+        kernel's rounding factor; int8: the fewest digits, float32 before float64, within
+        :func:`int8_error_estimate`), else float64. ``dtype=float64`` is always float64."""
         if self.dtype == torch.float64:
-            return torch.float64
-        x_abs_max = float((x64 - math.sqrt(abar) * self.mean64).abs().max())
-        estimate = dense_logit_error_estimate(plan, abar, scale, x_abs_max, self.y_abs_max, self.dtype)
-        estimate *= KERNEL_ROUNDING_FACTOR[self.float32_kernel(plan)]
-        return self.dtype if estimate <= LOGIT_TOLERANCE else torch.float64
+            return "float64", torch.float64, 0
+        a = math.sqrt(abar)
+        for kernel in self.candidates(plan, x64.shape[0]):
+            if kernel == "int8":
+                xq = x64 - a / 255.0  # x'' = x - a·c, c = 1/255
+                x_abs_max = float(xq.abs().max())
+                colsum_x = float((xq.abs() @ plan.dense_mask(torch.float64).T).max())
+                for dtype in (torch.float32, torch.float64):
+                    for digits in range(1, MAX_DIGITS + 1):
+                        bound = int8_error_estimate(digits, dtype, a, scale, x_abs_max, colsum_x, plan.max_column_nnz)
+                        if bound <= LOGIT_TOLERANCE:
+                            return "int8", dtype, digits
+                continue
+            if kernel == "bf16x3":
+                codes = self._bf16_codes()
+                x_abs_max, y_abs_max = float((x64 - a * codes.offset).abs().max()), codes.y_abs_max
+            else:
+                x_abs_max, y_abs_max = float((x64 - a * self.mean64).abs().max()), self.y_abs_max
+            estimate = dense_logit_error_estimate(plan, abar, scale, x_abs_max, y_abs_max, torch.float32)
+            if estimate * KERNEL_ROUNDING_FACTOR[kernel] <= LOGIT_TOLERANCE:
+                return kernel, torch.float32, 0
+        return "float64", torch.float64, 0
 
     def strategy(self, plan: MaskPlan, dense_dtype: torch.dtype) -> str:
         """``sparse`` or ``dense`` for this step. CPU: the mask's own classification. CUDA: a
@@ -137,12 +208,6 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
             return plan.strategy
         return "sparse" if plan.density <= CUDA_SPARSE_MAX_DENSITY[dense_dtype] else "dense"
 
-    def kernel(self, plan: MaskPlan, strategy: str, cdt: torch.dtype) -> str:
-        """``sparse``, ``float64``, or for float32 dense steps :meth:`float32_kernel`."""
-        if strategy == "sparse":
-            return "sparse"
-        return "float64" if cdt == torch.float64 else self.float32_kernel(plan)
-
     def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         t = int(t)
         abar = self.alpha_bar(t)
@@ -151,11 +216,21 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
         plan = self.plan(t)
         x64 = _flat(x_t).to(self.device, torch.float64)
         batch, n = x64.shape
-        dense_dtype = self.dense_dtype(plan, abar, scale, x64)
-        strategy = self.strategy(plan, dense_dtype)
-        cdt = torch.float64 if strategy == "sparse" else dense_dtype  # sparse: float64 differences
-        kernel = self.kernel(plan, strategy, cdt)
-        self.last_strategy, self.last_kernel = (strategy, cdt), kernel
+        kernel, cdt, digits = self.dense_choice(plan, abar, scale, x64)
+        strategy = self.strategy(plan, cdt)
+        if strategy == "sparse":
+            kernel, cdt = "sparse", torch.float64  # float64 direct differences
+        self.last_strategy = (strategy, cdt)
+        self.last_kernel = f"int8x{digits}" if kernel == "int8" else kernel
+        if kernel == "int8":
+            if self._int8 is None or self._int8.backend != self.int8_backend():
+                self._int8 = Int8Images(self.eight_bit_codes(), self.int8_backend())
+            out = int8_step(self._int8, self.images, plan.dense_mask(torch.int8), x64, a, scale, digits, cdt,
+                            self.chunk_size)
+            return out.to(x_t.dtype).reshape(x_t.shape)
+        if kernel == "bf16x3":
+            out = bf16x3_step(self._bf16_codes(), self.images, plan, x64, a, scale, self.chunk_size)
+            return out.to(x_t.dtype).reshape(x_t.shape)
         if kernel == "bf16x6":
             return self._bf16x6_step(plan, x64, a, scale).to(x_t.dtype).reshape(x_t.shape)
         acc = OnlineSoftmaxAverage()
@@ -175,6 +250,11 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
             acc.update_pixel_major(dense_logits(x_c, y_c, mask_t, a, scale), y_c)
         out = acc.result() + self.mean64  # the average of centred values, shifted back
         return out.to(x_t.dtype).reshape(x_t.shape)
+
+    def _bf16_codes(self) -> Bf16CodeImages:
+        if self._bf16 is None:
+            self._bf16 = Bf16CodeImages(self.eight_bit_codes())
+        return self._bf16
 
     def _bf16x6_step(self, plan: MaskPlan, x64: torch.Tensor, a: float, scale: float) -> torch.Tensor:
         """One float32-accurate dense step on tensor cores (:func:`dense_logits_bf16x6`).

@@ -29,6 +29,7 @@ class OnlineSoftmaxAverage:
         self.norm: torch.Tensor | None = None
         self.acc: torch.Tensor | None = None
         self.pixel_major = False  # accumulators [n, B] (update_pixel_major) rather than [B, n]
+        self._both: torch.Tensor | None = None  # update_pixel_major's [values, ones] buffer
 
     def update(self, logits: torch.Tensor, values: torch.Tensor) -> None:
         """Per-image layout: logits [B, K] (overwritten with the weights), values [K, n]."""
@@ -48,14 +49,28 @@ class OnlineSoftmaxAverage:
         [n, B, K] @ [n, K, 2] (values and ones). Accumulators are [n, B]; ``result()`` is [B, n]."""
         chunk_max = logits.amax(dim=2).double()  # [n, B]
         new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
-        # Weights below e^-60 (1e-26 of the largest) are raised to it: subnormal floats, which
-        # the peaked low-noise softmaxes produce in masses, run ~100x slower on x86, and the
-        # change to x̂0 is below N·1e-26.
-        logits.sub_(new_max.to(logits.dtype).unsqueeze(2)).clamp_(min=-WEIGHT_FLOOR_LOG).exp_()
-        both = torch.stack((values.to(logits.dtype), torch.ones_like(values, dtype=logits.dtype)), dim=2)
+        # On the CPU weights below e^-60 (1e-26 of the largest) are raised to it: subnormal
+        # floats, which the peaked low-noise softmaxes produce in masses, run ~100x slower on
+        # x86, and the change to x̂0 is below N·1e-26. GPUs handle them at full speed: there the
+        # clamp would only cost a pass over the logits.
+        logits.sub_(new_max.to(logits.dtype).unsqueeze(2))
+        if logits.device.type == "cpu":
+            logits.clamp_(min=-WEIGHT_FLOOR_LOG)
+        logits.exp_()
+        both = self._pairs(values, logits.dtype)
         sums = torch.bmm(logits, both).double()  # [n, B, 2]
         self._merge(new_max, sums[..., 1], sums[..., 0])
         self.pixel_major = True
+
+    def _pairs(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[values, ones] stacked [n, K, 2] in a buffer kept across updates of one shape: a fresh
+        multi-MB tensor per chunk costs the CPU a page-faulted allocation every time."""
+        shape = (*values.shape, 2)
+        if self._both is None or self._both.shape != shape or self._both.dtype != dtype:
+            self._both = torch.empty(shape, dtype=dtype, device=values.device)
+            self._both[..., 1] = 1.0
+        self._both[..., 0] = values
+        return self._both
 
     def _merge(self, new_max: torch.Tensor, chunk_norm: torch.Tensor, chunk_acc: torch.Tensor) -> None:
         """Fold one chunk's normaliser and weighted sum (both relative to ``new_max``) into the
