@@ -101,9 +101,10 @@ def kernel_steps(device: torch.device, smoke: bool) -> list[dict]:
         plan = plan_mask((torch.rand(n, n, generator=g, dtype=torch.float64) < 0.5).double(), device)
         x64 = torch.randn(batch, n, generator=g, dtype=torch.float64).to(device)
         codes = eight_bit_codes(images)
-        runs = {"bf16x3": (lambda c=Bf16CodeImages(codes): bf16x3_step(c, images, plan, x64, 0.6, 0.8, None)),
-                "int8x3": (lambda c=Int8Images(codes, "int_mm"): int8_step(
-                    c, images, plan.dense_mask(torch.int8), x64, 0.6, 0.8, 3, torch.float32, None))}
+        bf16, int8 = Bf16CodeImages(codes), Int8Images(codes, "int_mm")
+        mask8 = plan.dense_mask(torch.int8)
+        runs = {"bf16x3": lambda: bf16x3_step(bf16, images, plan, x64, 0.6, 0.8, None),
+                "int8x3": lambda: int8_step(int8, images, mask8, x64, 0.6, 0.8, 3, torch.float32, None)}
         times: dict = {k: [] for k in runs}
         for rep in range(4):
             for name, fn in runs.items():
@@ -116,7 +117,6 @@ def kernel_steps(device: torch.device, smoke: bool) -> list[dict]:
         row = {"n": n, "samples": batch, "images": num, **{k: sorted(v)[1] for k, v in times.items()}}
         print(json.dumps(row), flush=True)
         out.append(row)
-        del images, plan, x64, codes, runs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out

@@ -114,8 +114,7 @@ class Int8Images:
     prepacked; CUDA: column-major views). n_pad rounds n up to a multiple of 8 for cuBLAS."""
 
     def __init__(self, codes: torch.Tensor, backend: str) -> None:
-        num, n = codes.shape
-        self.n = n
+        n = codes.shape[1]
         self.backend = backend
         pad = (-n) % 8 if backend == "int_mm" else 0
         self.codes = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
