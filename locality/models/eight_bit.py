@@ -58,8 +58,9 @@ def eight_bit_codes(images: torch.Tensor, rows: int = 8192) -> torch.Tensor | No
     (to within 1e-6: float32 storage), else None (the kernel does not apply)."""
     codes = torch.empty(images.shape, dtype=torch.int8, device=images.device)
     for start in range(0, images.shape[0], rows):
-        part = images[start : start + rows].double()
-        q = torch.round((part + 1.0) * 127.5)
+        part = images[start : start + rows]
+        part = part if part.dtype in (torch.float32, torch.float64) else part.double()
+        q = torch.round((part + 1.0) * 127.5)  # in the images' dtype: float32 resolves 1e-6
         if not bool(((q >= 0) & (q <= 255)).all()) or float(((2 * q - 255) / 255 - part).abs().max()) > 1e-6:
             return None
         codes[start : start + rows] = (q - 128).to(torch.int8)
