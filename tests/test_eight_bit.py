@@ -249,3 +249,25 @@ def test_auto_on_cuda_tries_bf16x3_then_int8(synth8, monkeypatch):
     dense = build_model("pca_locality", images, stats, mask_threshold=0.0, dtype=torch.float32)
     dense.device = torch.device("cuda")
     assert dense.candidates(dense.plan(500), 3) == ["float32"]  # θ = 0: not binary
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_sample_groups(fmnist_crop12, monkeypatch, backend):
+    """Samples split into groups (each with its own fixed-point δ) when their digit
+    activations exceed the memory budget: same result within tolerance."""
+    images, stats = fmnist_crop12
+    model = build_model("pca_locality", images, stats, mask_threshold=0.005, dtype=torch.float32,
+                        dense_kernel="int8", chunk_size=40)
+    model.int8_backend = lambda: backend
+    x = _noisy(images, 400, count=3, seed=4)
+    want = brute_pca(x, 400, images, stats, 0.005)
+    whole = model(x, 400).double().reshape(3, -1)
+    import locality.models.eight_bit as eight_bit
+
+    calls = []
+    real = eight_bit.to_digits
+    monkeypatch.setattr(eight_bit, "memory_budget", lambda device, *a, **k: 3 * 144 * 144)  # one sample a group
+    monkeypatch.setattr(eight_bit, "to_digits", lambda v, d: calls.append(len(v)) or real(v, d))
+    grouped = model(x, 400).double().reshape(3, -1)
+    assert calls == [1, 1, 1]
+    assert (whole - want).abs().max() < 1e-4 and (grouped - want).abs().max() < 1e-4
