@@ -288,3 +288,14 @@ def test_bf16x6_memory_rule():
     n, num = 3072, 50000
     need = 22 * num * n + 26 * n * n
     assert bf16x6_fits(n, num, 2 * need) and not bf16x6_fits(n, num, 2 * need - 2)
+
+
+def test_max_weighted_column_sum_rounds_up(synth):
+    """The int8 estimate's Σ_n M|x''| from the float32 mask: never below the float64 value."""
+    _, stats = synth
+    plan = plan_mask(locality_mask(stats, float(alpha_bar(500)), 0.02), torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    weights = torch.rand(4, plan.source.shape[0], generator=g, dtype=torch.float64) * 3
+    exact = float((weights @ plan.source).max())
+    got = plan.max_weighted_column_sum(weights)
+    assert exact <= got <= exact * (1 + 1e-4)

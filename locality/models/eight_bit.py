@@ -311,9 +311,7 @@ def bf16x3_step(codes: Bf16CodeImages, values: torch.Tensor, plan: MaskPlan, x64
     x_c = x64 - a * codes.offset  # x' [B, n]
     kappa, gamma = scale * 2 * a * 2 / 255, scale * a * a * 4 / 255**2
     mask_t = plan.dense_mask(torch.float32)
-    if "bf16x2" not in plan._dense:  # [Mᵀ Mᵀ] bfloat16 (exact: binary), for the squares' two parts
-        plan._dense["bf16x2"] = plan.source.T.to(device, torch.bfloat16).repeat(1, 2)
-    mask2_t = plan._dense["bf16x2"]
+    mask2_t = plan.mask_bf16(2)  # [Mᵀ Mᵀ], for the squares' two parts
     # 28 bytes per mask entry and sample: float32 weights (4), their split (6) and remainder, headroom
     group = max(1, memory_budget(device) // (28 * n * n))
     outs = []

@@ -78,8 +78,8 @@ class MaskPlan:
     column has at most n/16 ones, else ``dense``); on the CPU it is final, on CUDA the model
     also weighs the step's precision (:meth:`PcaLocalityDenoiser.strategy`). ``source`` is M
     float64 on the CPU as built; :meth:`dense_mask` gives Mᵀ [n_out, n_in] on the device in a
-    dtype, :meth:`mask_bf16x3` [Mᵀ Mᵀ Mᵀ] [n_out, 3 n_in] bfloat16 (binary masks: exact), for
-    the bf16x6 kernel.
+    dtype, :meth:`mask_bf16` [Mᵀ … Mᵀ] bfloat16 (binary masks: exact) for the bf16x6 and bf16x3
+    kernels.
     ``pairs`` (sparse-eligible masks) lists, for the j-th one of every column that has more
     than j ones, (outputs, inputs) index tensors on the device.
     """
@@ -101,13 +101,24 @@ class MaskPlan:
             self._dense[dtype] = self.source.T.contiguous().to(self.device, dtype)
         return self._dense[dtype]
 
-    def mask_bf16x3(self) -> torch.Tensor:
-        """[Mᵀ Mᵀ Mᵀ] [n_out, 3 n_in] bfloat16 (exact: the mask is binary), built once."""
+    def mask_bf16(self, copies: int) -> torch.Tensor:
+        """[Mᵀ … Mᵀ] [n_out, copies·n_in] bfloat16 (exact: the mask is binary), built once per
+        count: the mask side of a GEMM whose other side stacks ``copies`` bfloat16 parts."""
         if not self.binary:
-            raise ValueError("the bf16x6 kernel needs a binary mask (model.mask_threshold > 0)")
-        if "bf16x3" not in self._dense:
-            self._dense["bf16x3"] = self.source.T.to(self.device, torch.bfloat16).repeat(1, 3)
-        return self._dense["bf16x3"]
+            raise ValueError("the bfloat16 kernels need a binary mask (model.mask_threshold > 0)")
+        key = ("bf16", copies)
+        if key not in self._dense:
+            self._dense[key] = self.source.T.to(self.device, torch.bfloat16).repeat(1, copies)
+        return self._dense[key]
+
+    def max_weighted_column_sum(self, weights: torch.Tensor) -> float:
+        """max over b and m of Σ_n M[n, m]·weights[b, n] for a binary mask and weights [B, n]
+        ≥ 0, rounded up: computed with the float32 mask the kernels keep anyway (no float64
+        copy of an n² mask per timestep on the device), then raised by float32's worst relative
+        error over n terms, so it never falls below the float64 value."""
+        mask_t = self.dense_mask(torch.float32)
+        sums = weights.to(torch.float32) @ mask_t.T
+        return float(sums.max()) * (1 + (mask_t.shape[1] + 1) * torch.finfo(torch.float32).eps)
 
 
 def plan_mask(mask: torch.Tensor, device: torch.device) -> MaskPlan:

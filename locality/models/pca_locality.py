@@ -183,11 +183,12 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
             if kernel == "int8":
                 xq = x64 - a / 255.0  # x'' = x - a·c, c = 1/255
                 x_abs_max = float(xq.abs().max())
-                colsum_x = float((xq.abs() @ plan.dense_mask(torch.float64).T).max())
+                colsum_x = plan.max_weighted_column_sum(xq.abs())
                 for dtype in (torch.float32, torch.float64):
                     for digits in range(1, MAX_DIGITS + 1):
-                        bound = int8_error_estimate(digits, dtype, a, scale, x_abs_max, colsum_x, plan.max_column_nnz)
-                        if bound <= LOGIT_TOLERANCE:
+                        estimate = int8_error_estimate(digits, dtype, a, scale, x_abs_max, colsum_x,
+                                                       plan.max_column_nnz)
+                        if estimate <= LOGIT_TOLERANCE:
                             return "int8", dtype, digits
                 continue
             if kernel == "bf16x3":
@@ -263,7 +264,7 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
             self._split = SplitImages(self.images, self.mean64)
         split, n = self._split, x64.shape[1]
         x_c = (x64 - a * self.mean64).float()  # [B, n] centred samples
-        mask_t, mask3_t = plan.dense_mask(torch.float32), plan.mask_bf16x3()
+        mask_t, mask3_t = plan.dense_mask(torch.float32), plan.mask_bf16(3)
         # 48 bytes per mask entry and sample: the split weights peak at 26 (float32 weights and
         # remainder, three parts, the six stacked), with headroom for the allocator
         group = max(1, memory_budget(self.device) // (48 * n * n))
