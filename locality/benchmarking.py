@@ -117,7 +117,7 @@ def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, setti
     rival = None
     if smp.versus_kernel is not None:
         rival = build_model(name, images, stats, **{**params, "dense_kernel": smp.versus_kernel})
-        rival._masks, rival._plans = model._masks, model._plans  # the same masks, built once
+        rival.share_masks(model)  # the same masks, built once
     # the reference figure (2.1 GB) is the process peak; report both the process peak and the
     # growth while sampling (VmHWM reset before sampling where Linux allows it)
     if device.type == "cuda":
@@ -155,9 +155,8 @@ def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, setti
     report["peak_rss_growth_sampling_gib"] = (peak - rss_before) / 2**30
     if device.type == "cuda":
         report["cuda_max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    strategies = getattr(model, "_plans", {})
-    if strategies:
-        report["strategies"] = {int(t): p.strategy for t, p in strategies.items()}
+    if hasattr(model, "planned_strategies"):
+        report["strategies"] = model.planned_strategies()
     if getattr(model, "last_kernel", None) is not None:  # kernels of the last sampled run, per step
         report["kernels"] = kernels
     if rival is not None:

@@ -148,17 +148,16 @@ def test_optimal_screening_falls_back_when_many_images_matter():
     assert (got - brute_optimal(x, 0, images)).abs().max() < 1e-6
 
 
-def test_plan_sparse_pairs_list_the_mask(synth):
+def test_plan_sparse_mask_is_the_mask(synth):
+    """The sparse kernel's CSR Mᵀ holds exactly the mask's ones (and dense plans have none)."""
     _, stats = synth
     mask = locality_mask(stats, float(alpha_bar(0)), 0.3)
     plan = plan_mask(mask, torch.device("cpu"))
     assert plan.strategy == "sparse"
-    n = mask.shape[0]
-    from_pairs = torch.zeros(n, n, dtype=torch.float64)
-    for outputs, inputs in plan.pairs:  # the sparse kernel visits exactly the mask's ones
-        assert not from_pairs[inputs, outputs].any()
-        from_pairs[inputs, outputs] = 1.0
-    assert torch.equal(from_pairs, mask)
+    assert plan.sparse_t.layout == torch.sparse_csr
+    assert plan.sparse_t.values().numel() == int((mask != 0).sum())
+    assert torch.equal(plan.sparse_t.to_dense().T, mask)
+    assert plan_mask(locality_mask(stats, float(alpha_bar(900)), 0.005), torch.device("cpu")).sparse_t is None
 
 
 def test_memory_derived_chunk_sizes(monkeypatch):
@@ -299,3 +298,39 @@ def test_max_weighted_column_sum_rounds_up(synth):
     exact = float((weights @ plan.source).max())
     got = plan.max_weighted_column_sum(weights)
     assert exact <= got <= exact * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("group", [1, 2, 5, 9])
+def test_softmax_average_in_groups_is_the_one_chunk_softmax(group):
+    """The shared driver of every kernel: samples in groups, images in chunks, one result."""
+    from locality.models.softmax import softmax_average_in_groups
+
+    g = torch.Generator().manual_seed(4)
+    n, batch, num = 3, 5, 23
+    logits = torch.randn(n, batch, num, generator=g, dtype=torch.float64) * 30
+    values = torch.randn(n, num, generator=g, dtype=torch.float64)
+    want = (torch.softmax(logits, dim=2) * values.unsqueeze(1)).sum(2).T  # [B, n]
+    x = torch.arange(batch)  # the samples' indices stand in for the samples
+
+    def chunks_of(xs):
+        for start in range(0, num, 7):
+            yield logits[:, xs, start : start + 7].clone(), values[:, start : start + 7]
+
+    got = softmax_average_in_groups(x, group, chunks_of)
+    assert got.shape == (batch, n)
+    assert (got - want).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="group must be at least 1"):
+        softmax_average_in_groups(x, 0, chunks_of)
+
+
+def test_share_masks_builds_each_mask_once(synth):
+    """The bench's rival kernel reads the first model's masks; other statistics are refused."""
+    images, stats = synth
+    first = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32)
+    rival = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float64)
+    rival.share_masks(first)
+    assert rival.plan(700) is first.plan(700)
+    assert first.planned_strategies() == {700: "dense"}
+    other = build_model("pca_locality", images, stats, mask_threshold=0.05)
+    with pytest.raises(ValueError, match="same statistics, mask_threshold and device"):
+        other.share_masks(first)

@@ -35,8 +35,8 @@ import math
 import torch
 
 from locality.models.fast_masked import MaskPlan, matmul_bf16_to_float32, split_bf16x3
-from locality.models.memory import chunk_rows, memory_budget
-from locality.models.softmax import OnlineSoftmaxAverage
+from locality.models.memory import Workspace, chunk_rows, memory_budget
+from locality.models.softmax import softmax_average_in_groups
 
 ONEDNN_MAX_VALUES = 1024  # n·128·128 < 2^24: oneDNN's float32 output of an int32 sum is exact
 MAX_DIGITS = 5
@@ -172,25 +172,26 @@ def _int_mm(act: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def int8_logits(act_digits: torch.Tensor, mask_codes: torch.Tensor, chunk: tuple, backend: str,
                 dtype: torch.dtype, cross_scale: float, quad_scale: float, batch: int,
-                buffer: torch.Tensor | None = None) -> torch.Tensor:
+                workspace: Workspace | None = None) -> torch.Tensor:
     """Logits [n_out, B, K] in ``dtype`` for one image chunk (start, stop, D, H, L):
     cross_scale·Σ_j 256^j (A_j @ Dᵀ) - quad_scale·Mᵀ @ (D² - 8192)ᵀ, from the digit
     activations ``act_digits`` [p, n_out·B, n] (low digit first, rows (m, b)) and
     ``mask_codes`` Mᵀ [n_out, n] int8 (cross_scale = s·2a·(2/255)·δ, quad_scale = s·a²·(2/255)²).
-    oneDNN/float32 writes into ``buffer`` (flat, at least (n_out·B + n_out)·K float32) when given."""
+    oneDNN/float32 writes into the ``workspace``'s buffers when given (valid until the next call)."""
     start, stop, codes, high, low = chunk
     count = stop - start
     digits = act_digits.shape[0]
     n_out = mask_codes.shape[0]
     if backend == "onednn" and dtype == torch.float32:
-        quad = torch.zeros(n_out * count) if buffer is None else buffer[-n_out * count :].zero_()
-        quad = _onednn_mm(mask_codes, high, count, -128.0 * quad_scale, quad.view(n_out, count))
+        ws = workspace or Workspace("cpu")
+        quad = ws.take("quad", (n_out, count), torch.float32).zero_()
+        quad = _onednn_mm(mask_codes, high, count, -128.0 * quad_scale, quad)
         quad = _onednn_mm(mask_codes, low, count, -quad_scale, quad)
         # the quadratic term first, then oneDNN adds each digit's scaled sums into the same
         # float32 logits (its sum post-op), high digits first; a reused buffer spares the
         # CPU a fresh (page-faulted) allocation per chunk
         rows = act_digits.shape[1]
-        out = (torch.empty(rows * count) if buffer is None else buffer[: rows * count]).view(n_out, batch, count)
+        out = ws.take("logits", (n_out, batch, count), torch.float32)
         out.copy_(quad.unsqueeze(1))
         out = out.view(rows, count)
         for j in reversed(range(digits)):
@@ -279,9 +280,9 @@ def int8_step(images8: Int8Images, values: torch.Tensor, mask_codes: torch.Tenso
     item = torch.tensor([], dtype=dtype).element_size()
     # samples in groups whose digit activations [p, n_out·B, n] (int8) fit the memory budget
     group = max(1, memory_budget(device) // (digits * n * mask_codes.shape[1]))
-    outs = []
-    for b0 in range(0, x64.shape[0], group):
-        xd, delta = to_digits(x64[b0 : b0 + group] - a / 255.0, digits)  # [p, B, n] int8, δ
+
+    def chunks_of(xs: torch.Tensor):
+        xd, delta = to_digits(xs - a / 255.0, digits)  # [p, B, n] int8, δ
         batch = xd.shape[1]
         if pad:
             xd = torch.nn.functional.pad(xd, (0, pad))
@@ -291,14 +292,13 @@ def int8_step(images8: Int8Images, values: torch.Tensor, mask_codes: torch.Tenso
         # bytes per image: logits [n, B] and quad sums [n] in dtype, and int_mm's int32 products
         per_image = (batch + 1) * item * n + (4 * batch * n if images8.backend == "int_mm" else 0)
         size = chunk_rows(per_image, device, chunk_size, total=values.shape[0], cpu_cap=INT8_CPU_CHUNK_CAP_BYTES)
-        acc = OnlineSoftmaxAverage()
-        buffer = torch.empty(n * (batch + 1) * size, dtype=dtype, device=device) if images8.backend == "onednn" else None
+        workspace = Workspace(device)
         for chunk in images8.chunks(size):
             logits = int8_logits(acts, mask_codes, chunk, images8.backend, dtype, cross_scale * delta, quad_scale,
-                                 batch, buffer)
-            acc.update_pixel_major(logits, values[chunk[0] : chunk[1]].T.to(dtype))
-        outs.append(acc.result())
-    return torch.cat(outs)
+                                 batch, workspace)
+            yield logits, values[chunk[0] : chunk[1]].T.to(dtype)
+
+    return softmax_average_in_groups(x64, group, chunks_of)
 
 
 def bf16x3_step(codes: Bf16CodeImages, values: torch.Tensor, plan: MaskPlan, x64: torch.Tensor, a: float,
@@ -314,17 +314,15 @@ def bf16x3_step(codes: Bf16CodeImages, values: torch.Tensor, plan: MaskPlan, x64
     mask2_t = plan.mask_bf16(2)  # [Mᵀ Mᵀ], for the squares' two parts
     # 28 bytes per mask entry and sample: float32 weights (4), their split (6) and remainder, headroom
     group = max(1, memory_budget(device) // (28 * n * n))
-    outs = []
-    for b0 in range(0, x_c.shape[0], group):
-        xs = x_c[b0 : b0 + group]
+
+    def chunks_of(xs: torch.Tensor):
         batch = xs.shape[0]
         weights3 = bf16x3_weights(xs, mask_t, kappa)
-        acc = OnlineSoftmaxAverage()
         # bytes per image: logits [n, B] and the squares' product [n] float32
         size = chunk_rows(4 * (batch + 1) * n, device, chunk_size, total=values.shape[0])
         for start in range(0, values.shape[0], size):
             part = slice(start, start + size)
             logits = bf16x3_logits(codes.stacked[part], codes.squares[part], weights3, mask2_t, batch, gamma)
-            acc.update_pixel_major(logits, values[part].T.float())
-        outs.append(acc.result())
-    return torch.cat(outs)
+            yield logits, values[part].T.float()
+
+    return softmax_average_in_groups(x_c, group, chunks_of)

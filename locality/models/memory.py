@@ -8,6 +8,8 @@ of the compute device, so a run never allocates more than a fixed share of what 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FALLBACK_BUDGET_BYTES = 1 << 30  # 1 GiB where the free memory cannot be read
@@ -64,3 +66,23 @@ def chunk_rows(bytes_per_row: int, device: torch.device | str, override: int | N
         rows = memory_budget(device, fraction, cpu_cap) // max(1, int(bytes_per_row))
     rows = max(1, rows)
     return min(rows, total) if total else rows
+
+
+class Workspace:
+    """Named flat buffers reused from chunk to chunk: a kernel's large per-chunk temporaries
+    (logits, products) without a fresh allocation per chunk, which the CPU pays in page faults
+    (PyTorch's CPU allocator returns large blocks to the OS). A buffer grows when a larger
+    shape is asked for; a smaller one (the last chunk) is a view of its start."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` and ``dtype`` in buffer ``name`` (its contents
+        are overwritten by the next take of the same name)."""
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = self._buffers[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buffer[:numel].view(shape)

@@ -50,8 +50,8 @@ from locality.models.eight_bit import (
     int8_error_estimate, int8_step,
 )
 from locality.models.masks import locality_mask
-from locality.models.memory import available_memory, memory_budget
-from locality.models.softmax import OnlineSoftmaxAverage
+from locality.models.memory import Workspace, available_memory, memory_budget
+from locality.models.softmax import softmax_average, softmax_average_in_groups
 from locality.statistics import DataStatistics
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,17 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
         if t not in self._plans:
             self._plans[t] = plan_mask(self.mask(t), self.device)
         return self._plans[t]
+
+    def planned_strategies(self) -> dict[int, str]:
+        """The mask-only strategy (``dense`` or ``sparse``) of every timestep planned so far."""
+        return {t: p.strategy for t, p in self._plans.items()}
+
+    def share_masks(self, other: PcaLocalityDenoiser) -> None:
+        """Use ``other``'s masks and plans, built once for both (they are the same for two
+        models of one statistics object, threshold and device: the bench's rival kernel)."""
+        if other.stats is not self.stats or other.mask_threshold != self.mask_threshold or other.device != self.device:
+            raise ValueError("share_masks needs a model of the same statistics, mask_threshold and device")
+        self._masks, self._plans = other._masks, other._plans
 
     def eight_bit_codes(self) -> torch.Tensor | None:
         """D = q - 128 [N, n] int8 when the images are 8-bit values (2q - 255)/255, else None
@@ -216,7 +227,6 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
         scale = 1.0 / (2.0 * (1.0 - abar) * self.temperature)
         plan = self.plan(t)
         x64 = _flat(x_t).to(self.device, torch.float64)
-        batch, n = x64.shape
         kernel, cdt, digits = self.dense_choice(plan, abar, scale, x64)
         strategy = self.strategy(plan, cdt)
         if strategy == "sparse":
@@ -228,29 +238,47 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
                 self._int8 = Int8Images(self.eight_bit_codes(), self.int8_backend())
             out = int8_step(self._int8, self.images, plan.dense_mask(torch.int8), x64, a, scale, digits, cdt,
                             self.chunk_size)
-            return out.to(x_t.dtype).reshape(x_t.shape)
-        if kernel == "bf16x3":
+        elif kernel == "bf16x3":
             out = bf16x3_step(self._bf16_codes(), self.images, plan, x64, a, scale, self.chunk_size)
-            return out.to(x_t.dtype).reshape(x_t.shape)
-        if kernel == "bf16x6":
-            return self._bf16x6_step(plan, x64, a, scale).to(x_t.dtype).reshape(x_t.shape)
-        acc = OnlineSoftmaxAverage()
-        if kernel == "sparse":
-            # working set per image: diff, logits and one gathered slice [n, B]; the chunk
-            for ys in self.chunks(batch, (3 * batch + 3) * (n + 1), 8):
+        elif kernel == "bf16x6":
+            out = self._bf16x6_step(plan, x64, a, scale)
+        elif kernel == "sparse":
+            out = self._sparse_step(plan, x64, a, scale)
+        else:
+            out = self._dense_step(plan, x64, a, scale, cdt)
+        return out.to(x_t.dtype).reshape(x_t.shape)
+
+    def _sparse_step(self, plan: MaskPlan, x64: torch.Tensor, a: float, scale: float) -> torch.Tensor:
+        """One low-noise step from the mask's ones only, in float64 (:func:`sparse_logits`);
+        x64 [B, n]. Returns x̂0 [B, n] float64."""
+        batch, n = x64.shape
+
+        def chunks():
+            # working set per image: diff and logits [n, B], the pixel-major copy and the softmax's [n, 2]
+            for ys in self.chunks(batch, (2 * batch + 3) * n, 8):
                 y = ys.T.to(torch.float64).contiguous()  # [n, K] pixel-major
-                acc.update_pixel_major(sparse_logits(x64, y, plan.pairs, a, scale), y)
-            return acc.result().to(x_t.dtype).reshape(x_t.shape)
+                yield sparse_logits(x64, y, plan.sparse_t, a, scale), y
+
+        return softmax_average(chunks())
+
+    def _dense_step(self, plan: MaskPlan, x64: torch.Tensor, a: float, scale: float,
+                    cdt: torch.dtype) -> torch.Tensor:
+        """One dense step with one GEMM in ``cdt`` (float32 or float64) per chunk
+        (:func:`dense_logits`); x64 [B, n]. Returns x̂0 [B, n] float64."""
+        batch, n = x64.shape
         mean = self.mean64.to(cdt).unsqueeze(1)
         x_c = (x64 - a * self.mean64).to(cdt)
         mask_t = plan.dense_mask(cdt)
         item = torch.tensor([], dtype=cdt).element_size()
-        # working set per image: cross and logits [n, B]; centred y, y², y²@M, values [n]
-        for ys in self.chunks(batch, (2 * batch + 6) * n, item):
-            y_c = ys.T.to(cdt).contiguous() - mean  # [n, K] pixel-major
-            acc.update_pixel_major(dense_logits(x_c, y_c, mask_t, a, scale), y_c)
-        out = acc.result() + self.mean64  # the average of centred values, shifted back
-        return out.to(x_t.dtype).reshape(x_t.shape)
+
+        def chunks():
+            workspace = Workspace(self.device)
+            # working set per image: cross and logits [n, B]; centred y, y², y²@M, values [n]
+            for ys in self.chunks(batch, (2 * batch + 6) * n, item):
+                y_c = ys.T.to(cdt).contiguous() - mean  # [n, K] pixel-major
+                yield dense_logits(x_c, y_c, mask_t, a, scale, workspace), y_c
+
+        return softmax_average(chunks()) + self.mean64  # the average of centred values, shifted back
 
     def _bf16_codes(self) -> Bf16CodeImages:
         if self._bf16 is None:
@@ -268,18 +296,16 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
         # 48 bytes per mask entry and sample: the split weights peak at 26 (float32 weights and
         # remainder, three parts, the six stacked), with headroom for the allocator
         group = max(1, memory_budget(self.device) // (48 * n * n))
-        outs = []
-        for b0 in range(0, x_c.shape[0], group):
-            xs = x_c[b0 : b0 + group]
+
+        def chunks_of(xs: torch.Tensor):
             weights6 = split_weights_bf16x6(xs, mask_t)
-            acc = OnlineSoftmaxAverage()
             start = 0
             # bytes per image: logits [n, B] and y²@M [n] float32, plus the softmax's [n, 2]
             for chunk in self.chunks(len(xs), 4 * (len(xs) + 4) * n, 1, source=split.stacked):
                 stop = start + len(chunk)
                 logits = dense_logits_bf16x6(chunk, split.squares[start:stop], weights6, mask3_t,
                                              len(xs), a, scale)
-                acc.update_pixel_major(logits, split.values[:, start:stop])
+                yield logits, split.values[:, start:stop]
                 start = stop
-            outs.append(acc.result())
-        return torch.cat(outs) + self.mean64
+
+        return softmax_average_in_groups(x_c, group, chunks_of) + self.mean64

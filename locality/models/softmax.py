@@ -10,6 +10,8 @@ own rounding.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 
 WEIGHT_FLOOR_LOG = 60.0  # log of the smallest relative softmax weight kept apart from it
@@ -90,3 +92,25 @@ class OnlineSoftmaxAverage:
         if self.pixel_major:
             return (self.acc / self.norm).T
         return self.acc / self.norm.unsqueeze(1)
+
+
+def softmax_average(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The exact softmax average over a stream of image chunks, each (logits [n, B, K],
+    values [n, K]) (pixel-major, :meth:`OnlineSoftmaxAverage.update_pixel_major`; the logits are
+    overwritten). Returns [B, n] float64. The stream may reuse one logits buffer: a chunk is
+    folded in before the next is asked for."""
+    acc = OnlineSoftmaxAverage()
+    for logits, values in chunks:
+        acc.update_pixel_major(logits, values)
+    return acc.result()
+
+
+def softmax_average_in_groups(x: torch.Tensor, group: int,
+                              chunks_of: Callable[[torch.Tensor], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+                              ) -> torch.Tensor:
+    """:func:`softmax_average` for samples x [B, ...] in groups of at most ``group`` (what the
+    memory budget allows of a kernel's per-sample weights): ``chunks_of(xs)`` streams the
+    chunks of one group xs. Returns [B, n] float64, the groups in order."""
+    if group < 1:
+        raise ValueError(f"group must be at least 1, got {group}")
+    return torch.cat([softmax_average(chunks_of(x[b0 : b0 + group])) for b0 in range(0, x.shape[0], group)])
