@@ -1,7 +1,8 @@
 """The GPU benchmark of the README's performance section (no Hydra needed: it calls
 locality.benchmarking directly). Usage: ``python scripts/gpu_check.py OUT_DIR --probe|--fmnist|--large|--kernels [--smoke]``
 (scripts/gpu_check.sh runs all three). ``--probe``: the bf16x6 logits' exactness and speed; ``--kernels``: one dense step of bf16x3
-and int8 at three image sizes (auto's crossover).
+and int8 at three image sizes (auto's crossover), then one low-noise step of the sparse kernel
+against the dense float64 and int8 ones at four mask densities (the sparse crossover).
 The others write their reports to OUT_DIR/bench_<section>.json as they go:
   --fmnist: 1. pca_locality, full Fashion-MNIST (θ = 0.005), 32 samples, 10 steps: the default
      (bf16x3 and int8 dense steps) in alternation with dense_kernel=bf16x6, then with int8, then 8 samples;
@@ -122,6 +123,48 @@ def kernel_steps(device: torch.device, smoke: bool) -> list[dict]:
     return out
 
 
+def low_noise_steps(device: torch.device, smoke: bool) -> list[dict]:
+    """One low-noise step (float64 accuracy: t = 0, 1 - ᾱ = 1e-4) at the Fashion-MNIST shape,
+    32 samples, on random 8-bit images and random binary masks with J ones in every column
+    (density J/n, all sparse-eligible): the sparse CSR kernel against the dense float64 GEMM and
+    int8 with 4 digits and a float64 combination. Medians of 3 after a warm-up, in alternation:
+    where CUDA_SPARSE_MAX_DENSITY (measured with an earlier sparse kernel) should lie."""
+    from locality.models.eight_bit import Int8Images, eight_bit_codes, int8_step
+    from locality.models.fast_masked import float_step, plan_mask, sparse_step
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n, batch, num = (64, 4, 300) if smoke else (784, 32, 60000)
+    g = torch.Generator().manual_seed(7)
+    images = ((torch.randint(0, 256, (num, n), generator=g).float() / 255 - 0.5) / 0.5).to(device)
+    mean64 = images.double().mean(0)
+    x64 = torch.randn(batch, n, generator=g, dtype=torch.float64).to(device)
+    int8 = Int8Images(eight_bit_codes(images), "int_mm")
+    a, scale = 0.99995, 5000.0
+    out = []
+    for ones in sorted({max(1, n // 256), n // 64, n // 32, n // 16}):
+        picks = torch.rand(n, n, generator=g).argsort(dim=0)[:ones]  # J input rows per output column
+        mask = torch.zeros(n, n, dtype=torch.float64).scatter_(0, picks, 1.0)
+        plan = plan_mask(mask, device)
+        runs = {"sparse": lambda: sparse_step(images, plan, x64, a, scale, None),
+                "float64": lambda: float_step(images, mean64, plan, x64, a, scale, torch.float64, None),
+                "int8x4_float64": lambda: int8_step(int8, images, plan.dense_mask(torch.int8), x64, a, scale, 4,
+                                                    torch.float64, None)}
+        times: dict = {k: [] for k in runs}
+        for rep in range(4):
+            for name, fn in runs.items():
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                if rep:
+                    times[name].append(time.perf_counter() - start)
+        row = {"n": n, "samples": batch, "images": num, "ones_per_column": ones, "density": ones / n,
+               **{k: sorted(v)[1] for k, v in times.items()}}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     smoke = "--smoke" in sys.argv
@@ -129,6 +172,7 @@ def main() -> None:
     scale = (lambda n: max(n // 200, 64)) if smoke else (lambda n: n)
     if "--kernels" in sys.argv:
         write_json_atomic(kernel_steps(device, smoke), out / "kernel_steps.json")
+        write_json_atomic(low_noise_steps(device, smoke), out / "low_noise_steps.json")
         return
     if "--probe" in sys.argv:
         report = probe(device)

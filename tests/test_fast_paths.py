@@ -264,12 +264,12 @@ def test_bf16x6_needs_a_binary_mask_and_valid_names(synth):
 
 def test_bf16x6_sample_groups(synth, monkeypatch):
     """Samples split into groups when the split weights exceed the memory budget: same result."""
-    import locality.models.pca_locality as pca
+    import locality.models.fast_masked as fast_masked
 
     images, stats = synth
     x = _noisy(images, 700, count=5)
     want = brute_pca(x, 700, images, stats, 0.02)
-    monkeypatch.setattr(pca, "memory_budget", lambda device: 48 * 36 * 36 * 2)  # 2 samples a group
+    monkeypatch.setattr(fast_masked, "memory_budget", lambda device: 48 * 36 * 36 * 2)  # 2 samples a group
     model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32,
                         dense_kernel="bf16x6", chunk_size=11)
     got = model(x, 700).double().reshape(len(x), -1)

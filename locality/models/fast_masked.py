@@ -17,8 +17,8 @@ Two exact ways to get the logits, chosen per timestep from the mask alone (:func
   the logits are Mᵀ (sparse CSR) @ (x - a y)²: nnz(M)·B·K operations, no dense GEMM. It runs
   in float64 and uses the direct difference, because there 1 - ᾱ is 1e-4, so a rounding
   error e in a distance becomes e / 2e-4 in the logit; the expanded form would cancel
-  catastrophically. (The CSR product ran 1.9x faster here than gathering and scatter-adding
-  the rows of the ones: index_select + index_add_ took 1.1 s of a 2.5 s t = 0 step.)
+  catastrophically. (The CSR product made the logits 1.9x faster here than gathering and
+  scatter-adding the rows of the mask's ones, a whole t = 0 step 1.5x.)
 
 Why not more strategies (measured on the full Fashion-MNIST masks, see the bench report):
 the complement M = 1 - C and sparse-CSR products gain nothing on the CPU (C has no empty rows
@@ -55,7 +55,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from locality.models.memory import Workspace
+from locality.models.memory import Workspace, chunk_rows, memory_budget
+from locality.models.softmax import softmax_average, softmax_average_in_groups
 
 DENSE_KERNELS = ("auto", "float32", "bf16x6", "bf16x3", "int8")  # auto: PcaLocalityDenoiser.candidates
 # rounding of a kernel's logits relative to the float32 GEMM, for the error estimate: on the H100
@@ -65,11 +66,12 @@ DENSE_KERNELS = ("auto", "float32", "bf16x6", "bf16x3", "int8")  # auto: PcaLoca
 # Fashion-MNIST steps stayed within 2.9e-5 of float64
 KERNEL_ROUNDING_FACTOR = {"float32": 1.0, "bf16x6": 8.0, "bf16x3": 8.0}
 SPARSE_MAX_FRACTION = 1 / 16  # sparse when the longest mask column has ≤ n/16 ones
-# CUDA: the gathered kernel moves ~40 bytes per mask one, sample and image at ~3 TB/s, where a
+# CUDA: the sparse kernel moved ~40 bytes per mask one, sample and image (gather/scatter form) at ~3 TB/s, where a
 # GEMM does ~12·n flops per mask entry at ~700 TFLOP/s (bf16x6) or ~2·n at ~50 (float64):
 # sparse pays off only below these densities (for the float32-accurate and the float64 dense
 # step; on the H100 a t = 0 step of full Fashion-MNIST, 32 samples, density 0.004, took 0.11 s
-# sparse and 0.10 s dense in float64)
+# sparse and 0.10 s dense in float64, measured with the earlier gather/scatter form of the sparse
+# kernel: scripts/gpu_check.py --kernels times the CSR form against both dense kernels)
 CUDA_SPARSE_MAX_DENSITY = {torch.float32: 1 / 1600, torch.float64: 1 / 1000}
 LOGIT_TOLERANCE = 2e-4  # float32 where the rounding estimate is below this (outputs stay within 1e-4)
 
@@ -207,7 +209,8 @@ def matmul_bf16_to_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class SplitImages:
     """The image side of the bf16x6 kernel, split once per model: centred images y' [N, n]
     float32 as ``stacked`` [y'0 y'0 y'0 y'1 y'1 y'2] [N, 6n] and ``squares`` [y'²0 y'²1 y'²2]
-    [N, 3n] bfloat16, and the values of the softmax average ``values`` y'ᵀ [n, N] float32."""
+    [N, 3n] bfloat16, the values of the softmax average ``values`` y'ᵀ [n, N] float32, and
+    the mean μ ``mean64`` [n] float64 they are centred on."""
 
     def __init__(self, images: torch.Tensor, mean: torch.Tensor, rows: int = 4096) -> None:
         num, n = images.shape
@@ -215,6 +218,7 @@ class SplitImages:
         self.stacked = torch.empty(num, 6 * n, dtype=torch.bfloat16, device=device)
         self.squares = torch.empty(num, 3 * n, dtype=torch.bfloat16, device=device)
         self.values = torch.empty(n, num, dtype=torch.float32, device=device)
+        self.mean64 = mean.to(device, torch.float64)
         mean32 = mean.to(device, torch.float32)
         for start in range(0, num, rows):  # in slices: float32 temporaries stay small
             part = slice(start, min(start + rows, num))
@@ -265,3 +269,70 @@ def sparse_logits(x: torch.Tensor, y: torch.Tensor, sparse_t: torch.Tensor, a: f
     diff = torch.sub(x.T.contiguous().unsqueeze(2), y.unsqueeze(1), alpha=a).square_()  # [n_in, B, K]
     logits = sparse_t @ diff.view(n, batch * k)
     return logits.view(-1, batch, k).mul_(-scale)
+
+
+# One step of each kernel: x64 [B, n] float64 samples in, x̂0 [B, n] float64 out. Image chunks
+# are sized by the memory budget (model.chunk_size overrides); every step streams them through
+# the exact online softmax (locality.models.softmax).
+
+
+def sparse_step(images: torch.Tensor, plan: MaskPlan, x64: torch.Tensor, a: float, scale: float,
+                chunk_size: int | None) -> torch.Tensor:
+    """One low-noise step from the mask's ones only, in float64 (:func:`sparse_logits`), over
+    the images [N, n]."""
+    batch, n = x64.shape
+    # bytes per image: diff and logits [n, B], the pixel-major copy and the softmax's [n, 2], float64
+    size = chunk_rows(8 * (2 * batch + 3) * n, x64.device, chunk_size, total=images.shape[0])
+
+    def chunks():
+        for start in range(0, images.shape[0], size):
+            y = images[start : start + size].T.to(torch.float64).contiguous()  # [n, K] pixel-major
+            yield sparse_logits(x64, y, plan.sparse_t, a, scale), y
+
+    return softmax_average(chunks())
+
+
+def float_step(images: torch.Tensor, mean64: torch.Tensor, plan: MaskPlan, x64: torch.Tensor, a: float,
+               scale: float, dtype: torch.dtype, chunk_size: int | None) -> torch.Tensor:
+    """One dense step with one GEMM in ``dtype`` (float32 or float64) per chunk
+    (:func:`dense_logits`) over the images [N, n], centred on ``mean64`` [n]."""
+    batch, n = x64.shape
+    mean = mean64.to(dtype).unsqueeze(1)
+    x_c = (x64 - a * mean64).to(dtype)
+    mask_t = plan.dense_mask(dtype)
+    item = torch.tensor([], dtype=dtype).element_size()
+    # bytes per image: cross and logits [n, B]; centred y, y², y²@M, values [n]
+    size = chunk_rows(item * (2 * batch + 6) * n, x64.device, chunk_size, total=images.shape[0])
+
+    def chunks():
+        workspace = Workspace(x64.device)
+        for start in range(0, images.shape[0], size):
+            y_c = images[start : start + size].T.to(dtype).contiguous() - mean  # [n, K] pixel-major
+            yield dense_logits(x_c, y_c, mask_t, a, scale, workspace), y_c
+
+    return softmax_average(chunks()) + mean64  # the average of centred values, shifted back
+
+
+def bf16x6_step(split: SplitImages, plan: MaskPlan, x64: torch.Tensor, a: float, scale: float,
+                chunk_size: int | None) -> torch.Tensor:
+    """One float32-accurate dense step on tensor cores (:func:`dense_logits_bf16x6`) over the
+    split images. Samples run in groups whose split weights [6n, n_out·B] fit the memory budget."""
+    n = x64.shape[1]
+    num = split.stacked.shape[0]
+    x_c = (x64 - a * split.mean64).float()  # [B, n] centred samples
+    mask_t, mask3_t = plan.dense_mask(torch.float32), plan.mask_bf16(3)
+    # 48 bytes per mask entry and sample: the split weights peak at 26 (float32 weights and
+    # remainder, three parts, the six stacked), with headroom for the allocator
+    group = max(1, memory_budget(x64.device) // (48 * n * n))
+
+    def chunks_of(xs: torch.Tensor):
+        weights6 = split_weights_bf16x6(xs, mask_t)
+        # bytes per image: logits [n, B] and y²@M [n] float32, plus the softmax's [n, 2]
+        size = chunk_rows(4 * (len(xs) + 4) * n, x64.device, chunk_size, total=num)
+        for start in range(0, num, size):
+            part = slice(start, start + size)
+            logits = dense_logits_bf16x6(split.stacked[part], split.squares[part], weights6, mask3_t,
+                                         len(xs), a, scale)
+            yield logits, split.values[:, part]
+
+    return softmax_average_in_groups(x_c, group, chunks_of) + split.mean64

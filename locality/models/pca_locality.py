@@ -7,7 +7,7 @@ output does not depend on the chunk size.
 
 Speed (see :mod:`locality.models.fast_masked`): the mask of a timestep is the same for every
 sample and chunk, so it is built and planned once per timestep; each step then uses the
-cheapest exact strategy for that mask (``dense`` expanded GEMM or ``sparse`` gathered direct
+cheapest exact strategy for that mask (``dense`` expanded GEMM or ``sparse`` direct
 differences) and a precision that keeps the logits within the float64 result:
 
 * ``dtype=float64``: everything in float64 (the exactness oracle).
@@ -16,9 +16,9 @@ differences) and a precision that keeps the logits within the float64 result:
   keeps the logits within ``LOGIT_TOLERANCE`` (float kernels: the rounding estimate
   :func:`~locality.models.fast_masked.dense_logit_error_estimate` times the kernel's rounding
   factor; int8: :func:`~locality.models.eight_bit.int8_error_estimate` for 1-5 digits combined in
-  float32 or float64), else float64; sparse (low-noise) steps always gather float64
+  float32 or float64), else float64; sparse (low-noise) steps always sum float64
   differences. On CUDA a sparse-eligible mask runs sparse only below the densities of
-  ``CUDA_SPARSE_MAX_DENSITY`` (the gathered kernel is memory-bound there).
+  ``CUDA_SPARSE_MAX_DENSITY`` (the sparse kernel is memory-bound there).
 
 ``dense_kernel``: ``float32`` (one float32 GEMM), ``bf16x6`` (float32 accuracy from exact
 bfloat16 parts on tensor cores; binary masks), ``bf16x3`` and ``int8`` (8-bit images and
@@ -41,17 +41,15 @@ import torch
 from locality.models.analytical import _DatasetDenoiser, _flat
 from locality.models.base import register_model
 from locality.models.fast_masked import (
-    CUDA_SPARSE_MAX_DENSITY, DENSE_KERNELS, LOGIT_TOLERANCE, MaskPlan, dense_logit_error_estimate, dense_logits,
-    KERNEL_ROUNDING_FACTOR, SplitImages, bf16x6_fits, dense_logits_bf16x6, plan_mask, sparse_logits,
-    split_weights_bf16x6,
+    CUDA_SPARSE_MAX_DENSITY, DENSE_KERNELS, KERNEL_ROUNDING_FACTOR, LOGIT_TOLERANCE, MaskPlan, SplitImages,
+    bf16x6_fits, bf16x6_step, dense_logit_error_estimate, float_step, plan_mask, sparse_step,
 )
 from locality.models.eight_bit import (
     MAX_DIGITS, ONEDNN_MAX_VALUES, Bf16CodeImages, Int8Images, bf16x3_fits, bf16x3_step, eight_bit_codes,
     int8_error_estimate, int8_step,
 )
 from locality.models.masks import locality_mask
-from locality.models.memory import Workspace, available_memory, memory_budget
-from locality.models.softmax import softmax_average, softmax_average_in_groups
+from locality.models.memory import available_memory
 from locality.statistics import DataStatistics
 
 log = logging.getLogger(__name__)
@@ -215,7 +213,7 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
     def strategy(self, plan: MaskPlan, dense_dtype: torch.dtype) -> str:
         """``sparse`` or ``dense`` for this step. CPU: the mask's own classification. CUDA: a
         sparse-eligible mask still goes dense unless it is sparser than the crossover for the
-        dense step's dtype (the gathered kernel is memory-bound, the GEMM is not)."""
+        dense step's dtype (the sparse kernel is memory-bound, the GEMM is not)."""
         if plan.strategy != "sparse" or self.device.type != "cuda":
             return plan.strategy
         return "sparse" if plan.density <= CUDA_SPARSE_MAX_DENSITY[dense_dtype] else "dense"
@@ -241,71 +239,16 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
         elif kernel == "bf16x3":
             out = bf16x3_step(self._bf16_codes(), self.images, plan, x64, a, scale, self.chunk_size)
         elif kernel == "bf16x6":
-            out = self._bf16x6_step(plan, x64, a, scale)
+            if self._split is None:
+                self._split = SplitImages(self.images, self.mean64)
+            out = bf16x6_step(self._split, plan, x64, a, scale, self.chunk_size)
         elif kernel == "sparse":
-            out = self._sparse_step(plan, x64, a, scale)
+            out = sparse_step(self.images, plan, x64, a, scale, self.chunk_size)
         else:
-            out = self._dense_step(plan, x64, a, scale, cdt)
+            out = float_step(self.images, self.mean64, plan, x64, a, scale, cdt, self.chunk_size)
         return out.to(x_t.dtype).reshape(x_t.shape)
-
-    def _sparse_step(self, plan: MaskPlan, x64: torch.Tensor, a: float, scale: float) -> torch.Tensor:
-        """One low-noise step from the mask's ones only, in float64 (:func:`sparse_logits`);
-        x64 [B, n]. Returns x̂0 [B, n] float64."""
-        batch, n = x64.shape
-
-        def chunks():
-            # working set per image: diff and logits [n, B], the pixel-major copy and the softmax's [n, 2]
-            for ys in self.chunks(batch, (2 * batch + 3) * n, 8):
-                y = ys.T.to(torch.float64).contiguous()  # [n, K] pixel-major
-                yield sparse_logits(x64, y, plan.sparse_t, a, scale), y
-
-        return softmax_average(chunks())
-
-    def _dense_step(self, plan: MaskPlan, x64: torch.Tensor, a: float, scale: float,
-                    cdt: torch.dtype) -> torch.Tensor:
-        """One dense step with one GEMM in ``cdt`` (float32 or float64) per chunk
-        (:func:`dense_logits`); x64 [B, n]. Returns x̂0 [B, n] float64."""
-        batch, n = x64.shape
-        mean = self.mean64.to(cdt).unsqueeze(1)
-        x_c = (x64 - a * self.mean64).to(cdt)
-        mask_t = plan.dense_mask(cdt)
-        item = torch.tensor([], dtype=cdt).element_size()
-
-        def chunks():
-            workspace = Workspace(self.device)
-            # working set per image: cross and logits [n, B]; centred y, y², y²@M, values [n]
-            for ys in self.chunks(batch, (2 * batch + 6) * n, item):
-                y_c = ys.T.to(cdt).contiguous() - mean  # [n, K] pixel-major
-                yield dense_logits(x_c, y_c, mask_t, a, scale, workspace), y_c
-
-        return softmax_average(chunks()) + self.mean64  # the average of centred values, shifted back
 
     def _bf16_codes(self) -> Bf16CodeImages:
         if self._bf16 is None:
             self._bf16 = Bf16CodeImages(self.eight_bit_codes())
         return self._bf16
-
-    def _bf16x6_step(self, plan: MaskPlan, x64: torch.Tensor, a: float, scale: float) -> torch.Tensor:
-        """One float32-accurate dense step on tensor cores (:func:`dense_logits_bf16x6`).
-        Samples run in groups whose split weights [6n, n_out·B] fit the memory budget."""
-        if self._split is None:
-            self._split = SplitImages(self.images, self.mean64)
-        split, n = self._split, x64.shape[1]
-        x_c = (x64 - a * self.mean64).float()  # [B, n] centred samples
-        mask_t, mask3_t = plan.dense_mask(torch.float32), plan.mask_bf16(3)
-        # 48 bytes per mask entry and sample: the split weights peak at 26 (float32 weights and
-        # remainder, three parts, the six stacked), with headroom for the allocator
-        group = max(1, memory_budget(self.device) // (48 * n * n))
-
-        def chunks_of(xs: torch.Tensor):
-            weights6 = split_weights_bf16x6(xs, mask_t)
-            start = 0
-            # bytes per image: logits [n, B] and y²@M [n] float32, plus the softmax's [n, 2]
-            for chunk in self.chunks(len(xs), 4 * (len(xs) + 4) * n, 1, source=split.stacked):
-                stop = start + len(chunk)
-                logits = dense_logits_bf16x6(chunk, split.squares[start:stop], weights6, mask3_t,
-                                             len(xs), a, scale)
-                yield logits, split.values[:, start:stop]
-                start = stop
-
-        return softmax_average_in_groups(x_c, group, chunks_of) + self.mean64
