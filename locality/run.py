@@ -102,6 +102,8 @@ def load_training_images(cfg: DictConfig, subset: tuple[Any, str] | None = None)
         subset_size=get_int(node, "subset_size", prefix, minimum=1, optional=True),
         download=get_bool(ds, "download", "dataset"),
         progress=bool(cfg.progress),
+        # image folders: decoded pixels kept under paths.cache_dir (dataset.cache_decoded)
+        cache_dir=cfg.paths.cache_dir if "cache_decoded" in ds and get_bool(ds, "cache_decoded", "dataset") else None,
     )
 
 

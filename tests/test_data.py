@@ -436,3 +436,66 @@ def test_real_debian_fashion_mnist(tmp_path, split, n, fname):
     assert np.array_equal(back[0, 0].numpy(), raw[0])
     head = load_dataset("fashion_mnist", tmp_path, split=split, subset_size=5, resolution=14)
     assert torch.equal(head, expected_unit_range(_resized(raw[:5, None].copy(), 14)))
+
+
+# the decoded cache of image folders
+
+
+def _decoded_files(cache: Path) -> list[Path]:
+    return sorted((cache / "decoded").glob("*.pt"))
+
+
+def test_folder_decoded_cache_is_read_back_without_decoding(tmp_path, monkeypatch):
+    import locality.data.folders as folders
+
+    written = write_image_folder(tmp_path / "celeba_hq" / "train", n=4, size=(40, 24), seed=21)
+    cache = tmp_path / "cache"
+    first = load_dataset("celeba_hq", tmp_path, resolution=16, progress=False, cache_dir=cache)
+    expected = expected_unit_range(torch.stack([_torchvision_pipeline(p, 16) for p, _ in written]))
+    assert torch.equal(first, expected)
+    [kept] = _decoded_files(cache)
+    assert kept.name.startswith("celeba_hq-train-16px-4img-")
+
+    def no_decoding(path, resolution):
+        raise AssertionError(f"decoded {path} although the cache holds it")
+
+    monkeypatch.setattr(folders, "load_image", no_decoding)
+    again = load_dataset("celeba_hq", tmp_path, resolution=16, progress=False, cache_dir=cache)
+    assert torch.equal(again, expected)
+    # without a cache_dir nothing is read or written: the files are decoded
+    with pytest.raises(AssertionError, match="although the cache holds it"):
+        load_dataset("celeba_hq", tmp_path, resolution=16, progress=False)
+
+
+def test_folder_decoded_cache_key_follows_bytes_resolution_and_subset(tmp_path):
+    written = write_image_folder(tmp_path / "afhq" / "train", n=3, size=8, seed=22)
+    cache = tmp_path / "cache"
+    load_dataset("afhq", tmp_path, resolution=8, progress=False, cache_dir=cache)
+    # one file's bytes change: a new key, the new pixels
+    path, _ = written[1]
+    changed = np.full((8, 8, 3), 200, dtype=np.uint8)
+    Image.fromarray(changed).save(path)
+    x = load_dataset("afhq", tmp_path, resolution=8, progress=False, cache_dir=cache)
+    assert torch.equal(x[1], expected_unit_range(changed.transpose(2, 0, 1)))
+    assert len(_decoded_files(cache)) == 2
+    load_dataset("afhq", tmp_path, resolution=4, progress=False, cache_dir=cache)
+    load_dataset("afhq", tmp_path, resolution=8, subset_size=2, progress=False, cache_dir=cache)
+    assert len(_decoded_files(cache)) == 4
+
+
+def test_folder_decoded_cache_damaged_is_decoded_again(tmp_path, caplog):
+    written = write_image_folder(tmp_path / "afhq" / "train", n=2, size=8, seed=23)
+    cache = tmp_path / "cache"
+    want = load_dataset("afhq", tmp_path, resolution=8, progress=False, cache_dir=cache)
+    [kept] = _decoded_files(cache)
+    kept.write_bytes(kept.read_bytes()[:50])  # truncated
+    with caplog.at_level("WARNING", logger="locality.data.folders"):
+        got = load_dataset("afhq", tmp_path, resolution=8, progress=False, cache_dir=cache)
+    assert torch.equal(got, want)
+    assert "is unusable" in caplog.text and "decoding the images again" in caplog.text
+    # replaced by a good copy: the next load reads it silently
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="locality.data.folders"):
+        assert torch.equal(load_dataset("afhq", tmp_path, resolution=8, progress=False, cache_dir=cache), want)
+    assert "unusable" not in caplog.text
+    assert len(written) == 2

@@ -144,3 +144,25 @@ def test_float64_accumulating_models_refuse_mps_clearly():
         model_params(cfg.model, torch.device("mps"))
     name, params = model_params(compose(["model=wiener"]).model, torch.device("mps"))
     assert name == "wiener" and params["dtype"] == torch.float32  # MPS has no float64
+
+
+def test_image_folder_dataset_runs_and_keeps_its_decoded_pixels(tmp_path):
+    """dataset=celeba_hq from a folder of JPEGs: the first run decodes and keeps the pixels in
+    paths.cache_dir/decoded, the second reads them (its log says so); cache_decoded=false opts out."""
+    from data_factories import write_image_folder
+
+    write_image_folder(tmp_path / "data" / "datasets" / "celeba_hq" / "train", n=12, size=(20, 18), ext="jpg", seed=5)
+    args = ["model=wiener", "dataset=celeba_hq", "dataset.resolution=8", "sampler.num_samples=2",
+            "sampler.num_steps=2", "hardware=cpu", "tracking.enabled=false"]
+    for attempt in range(2):
+        proc = run_app(args, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    (kept,) = (tmp_path / "data" / "cache" / "decoded").glob("celeba_hq-train-8px-12img-*.pt")
+    first, second = sorted((tmp_path / "outputs").rglob("run.log"), key=lambda p: p.stat().st_mtime)
+    assert "kept the decoded images of celeba_hq/train" in first.read_text()
+    assert "read 12 decoded images of celeba_hq/train" in second.read_text()
+    assert "kept the decoded images" not in second.read_text()
+    kept.unlink()
+    proc = run_app([*args, "dataset.cache_decoded=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not kept.exists()

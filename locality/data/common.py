@@ -31,7 +31,8 @@ class LoadRequest:
     """Validated arguments handed to a dataset loader by :func:`locality.data.load_dataset`.
 
     ``resolution`` is the final square size (already resolved from the spec's native/default
-    resolution); ``subset_size`` is ``None`` (all images) or a positive int.
+    resolution); ``subset_size`` is ``None`` (all images) or a positive int; ``cache_dir``
+    (optional) holds decoded image folders (:mod:`locality.data.folders`).
     """
 
     name: str
@@ -42,6 +43,7 @@ class LoadRequest:
     download: bool
     progress: bool
     system_dirs: tuple[Path, ...]
+    cache_dir: Path | None = None  # image folders keep their decoded pixels here (None: decode every time)
 
 
 def not_found(

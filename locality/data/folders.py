@@ -17,13 +17,23 @@ the first ``subset_size`` images, are deterministic across machines.
 Each image is converted to RGB, resized like ``torchvision.transforms.Resize(r)`` (shorter side
 to ``r``, bilinear, antialias) then ``CenterCrop(r)``, and kept as uint8; loading runs in a thread
 pool with a tqdm progress bar.
+
+Decoded cache: with a ``cache_dir`` the decoded pixels [N, 3, r, r] uint8 are kept in
+``<cache_dir>/decoded/<name>-<split>-<r>px-<N>img-<key>.pt``, the key a hash of the decoding
+recipe, the resolution and every file's relative path and bytes. A later run hashes the files
+(a fraction of decoding them: JPEG decoding and resizing dominate) and reads the pixels back; any
+change to a file, the subset or the resolution gives another key. The file is written
+atomically; an unreadable or mismatching one is decoded again and replaced (with a warning).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torchvision.transforms.functional as TF
@@ -31,12 +41,18 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
+from locality.atomic import atomic_torch_save
 from locality.data.common import LoadRequest, check_subset_size, not_found
+
+log = logging.getLogger(__name__)
 
 #: File extensions taken as images (compared lower-case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 #: Split folder names recognised for image-folder datasets.
 FOLDER_SPLITS = ("train", "val", "test")
+#: The decoding recipe, part of the decoded cache's key: change it when :func:`load_image`
+#: changes, so that caches of the old recipe stop matching.
+DECODE_RECIPE = "rgb/resize-bilinear-antialias/center-crop/uint8/v1"
 
 
 def list_images(directory: Path) -> list[Path]:
@@ -96,6 +112,48 @@ def _resolve_split_dir(req: LoadRequest) -> tuple[Path | None, list[Path]]:
     return None, looked_in
 
 
+def file_digest(path: Path) -> str:
+    """blake2b (128 bits) of a file's bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def decoded_cache_key(directory: Path, files: list[Path], digests: list[str], resolution: int) -> str:
+    """The decoded cache's key: the recipe, the resolution and, in dataset order, every file's
+    relative path and :func:`file_digest`."""
+    key = hashlib.blake2b(digest_size=16)
+    key.update(f"{DECODE_RECIPE}\nresolution={resolution}\n".encode())
+    for path, digest in zip(files, digests):
+        key.update(f"{path.relative_to(directory).as_posix()}\t{digest}\n".encode())
+    return key.hexdigest()
+
+
+def _in_threads(work: Callable[[int], None], count: int, desc: str, progress: bool) -> None:
+    """``work(i)`` for i < count in a thread pool (PIL and hashlib release the GIL), with a bar."""
+    workers = min(8, (os.cpu_count() or 1) + 2, count)
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+        total=count, desc=desc, unit="img", disable=not progress
+    ) as bar:
+        for _ in pool.map(work, range(count)):
+            bar.update(1)
+
+
+def _read_decoded(path: Path, key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The cached pixels at ``path`` if it holds ``key``'s uint8 ``shape``; else None (warned)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        images = saved["images"]
+        if saved.get("key") != key or images.dtype != torch.uint8 or tuple(images.shape) != shape:
+            raise ValueError(f"holds {images.dtype} {tuple(images.shape)} under another key, expected uint8 {shape}")
+    except Exception as e:  # a truncated, foreign or stale file: decode again and replace it
+        log.warning("decoded cache %s is unusable (%s: %s): decoding the images again", path, type(e).__name__, e)
+        return None
+    return images
+
+
 def load_image_folder(req: LoadRequest) -> torch.Tensor:
     """Images of ``<root>/<name>/<split>`` as uint8 ``[N, 3, r, r]`` (see the module docstring)."""
     directory, looked_in = _resolve_split_dir(req)
@@ -108,17 +166,32 @@ def load_image_folder(req: LoadRequest) -> torch.Tensor:
 
     n = check_subset_size(req.name, req.split, req.subset_size, len(files))
     files = files[:n]
-    out = torch.empty((n, 3, req.resolution, req.resolution), dtype=torch.uint8)
+    shape = (n, 3, req.resolution, req.resolution)
+    cache = None
+    if req.cache_dir is not None:
+        digests = [""] * n
+
+        def _hash(i: int) -> None:
+            digests[i] = file_digest(files[i])
+
+        _in_threads(_hash, n, f"hashing {req.name}/{req.split}", req.progress)
+        key = decoded_cache_key(directory, files, digests, req.resolution)
+        cache = req.cache_dir / "decoded" / f"{req.name}-{req.split}-{req.resolution}px-{n}img-{key[:20]}.pt"
+        if cache.is_file():
+            images = _read_decoded(cache, key, shape)
+            if images is not None:
+                log.info("read %d decoded images of %s/%s from %s", n, req.name, req.split, cache)
+                return images
+
+    out = torch.empty(shape, dtype=torch.uint8)
 
     def _load(i: int) -> None:
         out[i] = load_image(files[i], req.resolution)
 
-    workers = min(8, (os.cpu_count() or 1) + 2, n)
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-        total=n, desc=f"loading {req.name}/{req.split}", unit="img", disable=not req.progress
-    ) as bar:
-        for _ in pool.map(_load, range(n)):
-            bar.update(1)
+    _in_threads(_load, n, f"loading {req.name}/{req.split}", req.progress)
+    if cache is not None:
+        atomic_torch_save({"images": out, "key": key, "recipe": DECODE_RECIPE}, cache)
+        log.info("kept the decoded images of %s/%s in %s", req.name, req.split, cache)
     return out
 
 

@@ -100,6 +100,7 @@ def load_dataset(
     download: bool = False,
     progress: bool = True,
     system_dirs: Sequence[Path] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> torch.Tensor:
     """Load a dataset split as a float32 CPU tensor ``[N, C, H, W]`` with values in ``[-1, 1]``.
 
@@ -117,6 +118,9 @@ def load_dataset(
         progress: show a tqdm progress bar while decoding image folders.
         system_dirs: fallback directories instead of the spec's (Fashion-MNIST: the Debian
             package's ``/usr/share/datasets/fashion-mnist``).
+        cache_dir: image folders (celeba_hq, afhq) keep their decoded, resized pixels in
+            ``<cache_dir>/decoded``, keyed by the files' bytes and the resolution, so a second
+            run reads them instead of decoding every file (``None``: decode every time).
 
     Raises:
         ValueError: unknown dataset, split not allowed, bad resolution or subset size, or a
@@ -141,6 +145,7 @@ def load_dataset(
         download=bool(download),
         progress=bool(progress),
         system_dirs=tuple(Path(d) for d in (spec.system_dirs if system_dirs is None else system_dirs)),
+        cache_dir=None if cache_dir is None else Path(cache_dir).expanduser(),
     )
     images = spec.loader(request)
     expected = (spec.channels, request.resolution, request.resolution)
