@@ -44,6 +44,24 @@ def test_cuda_pca_kernels_match_brute_force(synth, t, threshold, kernel, chunk):
         assert model.last_kernel == "bf16x6"
 
 
+@pytest.mark.parametrize("chunk", [7, None])
+def test_cuda_sparse_step_matches_brute_force(synth, chunk):
+    """The low-noise step's CSR product on the GPU (cuSPARSE), called directly: under auto the
+    model takes it only below CUDA_SPARSE_MAX_DENSITY."""
+    from locality.models.fast_masked import plan_mask, sparse_step
+    from locality.models.masks import locality_mask
+    from locality.schedule import alpha_bar
+
+    images, stats = synth
+    abar = float(alpha_bar(0))
+    plan = plan_mask(locality_mask(stats, abar, 0.3), CUDA)
+    assert plan.strategy == "sparse" and plan.sparse_t.device.type == "cuda"
+    x = _noisy(images, 0)
+    got = sparse_step(images.reshape(len(images), -1).to(CUDA), plan, x.reshape(len(x), -1).double().to(CUDA),
+                      math.sqrt(abar), 1.0 / (2.0 * (1.0 - abar)), chunk)
+    assert (got.cpu() - brute_pca(x, 0, images, stats, 0.3)).abs().max() < 1e-7
+
+
 def test_cuda_float64_matches_brute_force(synth):
     images, stats = synth
     for t in (900, 100, 0):
