@@ -232,12 +232,19 @@ def test_auto_on_cuda_tries_bf16x3_then_int8(synth8, monkeypatch):
     plan = model.plan(500)
     model.device = torch.device("cuda")
     model._auto_fits = {"bf16x3": True, "bf16x6": True}
+    model._int8_exact = {"int_mm": True}  # the probe of CUDA's integer tensor cores, faked
     assert model.candidates(plan, 3) == ["bf16x3", "int8"]
     from locality.models.pca_locality import INT8_FIRST_ROWS
 
-    assert model.candidates(plan, INT8_FIRST_ROWS // 25 + 1) == ["int8"]  # n·B rows beyond the crossover
+    tall = INT8_FIRST_ROWS // 25 + 1  # n·B rows beyond the crossover
+    assert model.candidates(plan, tall) == ["int8"]
     model._auto_fits["bf16x3"] = False
     assert model.candidates(plan, 3) == ["int8"]
+    # int8 sums that are not exact: never int8
+    model._int8_exact = {"int_mm": False}
+    assert model.candidates(plan, 3) == ["bf16x6"]
+    model._auto_fits["bf16x3"] = True
+    assert model.candidates(plan, 3) == model.candidates(plan, tall) == ["bf16x3"]
     smooth = _data()
     other = build_model("pca_locality", smooth, fit_statistics(smooth, progress=False), mask_threshold=0.02,
                         dtype=torch.float32)
@@ -271,3 +278,37 @@ def test_int8_sample_groups(fmnist_crop12, monkeypatch, backend):
     grouped = model(x, 400).double().reshape(3, -1)
     assert calls == [1, 1, 1]
     assert (whole - want).abs().max() < 1e-4 and (grouped - want).abs().max() < 1e-4
+
+
+def _saturating(exact_mm):
+    """A backend like a CPU without VNNI: products summed through int16, saturated."""
+    return lambda *args, **kw: exact_mm(*args, **kw).clamp(-32768, 32767)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_probe_passes_here_and_catches_saturating_sums(backend, monkeypatch):
+    import locality.models.eight_bit as eight_bit
+
+    assert eight_bit.int8_sums_exact(backend, "cpu")
+    name = "_onednn_mm" if backend == "onednn" else "_int_mm"
+    monkeypatch.setattr(eight_bit, name, _saturating(getattr(eight_bit, name)))
+    assert not eight_bit.int8_sums_exact(backend, "cpu")
+
+
+def test_inexact_int8_is_refused_or_left_out(synth8, monkeypatch, caplog):
+    """Where the probe fails, dense_kernel=int8 is a clear error and auto takes float32."""
+    import locality.models.pca_locality as pca
+
+    monkeypatch.setattr(pca, "int8_sums_exact", lambda backend, device: False)
+    images, stats = synth8
+    x = _noisy(images, 500)
+    explicit = build_model("pca_locality", images, stats, mask_threshold=0.02, dense_kernel="int8",
+                           dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"dense_kernel=int8: the int8 products of the \w+ backend are not exact"):
+        explicit(x, 500)
+    auto = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32)
+    with caplog.at_level("WARNING", logger="locality.models.pca_locality"):
+        got = auto(x, 500).double().reshape(len(x), -1)
+    assert auto.last_kernel == "float32"
+    assert "not exact" in caplog.text or torch.backends.cpu.get_cpu_capability() != "AVX512"
+    assert (got - brute_pca(x, 500, images, stats, 0.02)).abs().max() < 1e-4

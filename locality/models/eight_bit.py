@@ -170,6 +170,25 @@ def _int_mm(act: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return out[:rows, :count] if (pad_r or pad_k) else out
 
 
+def int8_sums_exact(backend: str, device: torch.device | str) -> bool:
+    """Whether ``backend``'s int8 products sum exactly on this machine: a probe with the
+    operands that break CPUs without VNNI (their u8·s8 instructions add pairs of products in
+    saturating int16: 255·127·2 > 32 767), rows of all 127, all -128 and alternating signs,
+    against the int64 products. Integer tensor cores and VNNI/AMX units pass."""
+    n = 64
+    even = torch.arange(n) % 2 == 0
+    rows = torch.stack([torch.full((n,), 127), torch.full((n,), -128), torch.where(even, 127, -128),
+                        torch.where(even, -128, 127)]).to(torch.int8)
+    act, weights = rows.repeat(5, 1), rows.repeat(2, 1)  # 20 rows (int_mm wants > 16), 8 images
+    exact = act.long() @ weights.long().T  # |sum| ≤ 64·128² = 2^20: exact in float32 as well
+    if backend == "onednn":
+        packed = torch.ops.onednn.qlinear_prepack(weights.contiguous(), None)
+        got = _onednn_mm(act, packed, weights.shape[0], 1.0, None).double()
+        return torch.equal(got, exact.double())
+    got = _int_mm(act.to(device), weights.to(device)).cpu()
+    return torch.equal(got.long(), exact)
+
+
 def int8_logits(act_digits: torch.Tensor, mask_codes: torch.Tensor, chunk: tuple, backend: str,
                 dtype: torch.dtype, cross_scale: float, quad_scale: float, batch: int,
                 workspace: Workspace | None = None) -> torch.Tensor:

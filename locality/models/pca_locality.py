@@ -46,7 +46,7 @@ from locality.models.fast_masked import (
 )
 from locality.models.eight_bit import (
     MAX_DIGITS, ONEDNN_MAX_VALUES, Bf16CodeImages, Int8Images, bf16x3_fits, bf16x3_step, eight_bit_codes,
-    int8_error_estimate, int8_step,
+    int8_error_estimate, int8_step, int8_sums_exact,
 )
 from locality.models.masks import locality_mask
 from locality.models.memory import available_memory
@@ -93,6 +93,7 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
         self.last_strategy: tuple[str, torch.dtype] | None = None  # for tests and the bench
         self.last_kernel: str | None = None  # sparse, float64, float32, bf16x6, bf16x3 or int8x<digits>
         self._auto_fits: dict[str, bool] = {}  # auto on CUDA: do bf16x6 / bf16x3 fit (decided once)
+        self._int8_exact: dict[str, bool] = {}  # per int8 backend: do its sums come out exact here (probed once)
         # image sides of the kernels, built on first use
         self._split: SplitImages | None = None  # bf16x6
         self._codes: torch.Tensor | None | bool = False  # 8-bit codes (False: not looked at yet)
@@ -140,6 +141,17 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
                   and hasattr(torch.ops.onednn, "qlinear_pointwise") and self.images.shape[1] <= ONEDNN_MAX_VALUES)
         return "onednn" if onednn else "int_mm"
 
+    def int8_exact(self) -> bool:
+        """Whether :meth:`int8_backend`'s integer sums are exact on this machine
+        (:func:`int8_sums_exact`, probed once per backend): CPUs without VNNI saturate them."""
+        backend = self.int8_backend()
+        if backend not in self._int8_exact:
+            self._int8_exact[backend] = int8_sums_exact(backend, self.device)
+            if not self._int8_exact[backend]:
+                log.warning("pca_locality: the int8 products of the %s backend are not exact on %s (no VNNI?): "
+                            "the int8 kernel is not used", backend, self.device)
+        return self._int8_exact[backend]
+
     def _fits(self, kernel: str) -> bool:
         """auto on CUDA: whether a tensor-core kernel's image side fits (decided once per model)."""
         if kernel not in self._auto_fits:
@@ -158,7 +170,8 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
         int8, 8-bit images required). ``auto``, for 8-bit images with a binary mask: on CUDA
         bf16x3 then int8, or int8 alone from ``INT8_FIRST_ROWS`` logit rows (n·B) on or where
         bf16x3 does not fit; on the CPU int8 where oneDNN runs it on AVX-512 (VNNI/AMX integer
-        units beat the float32 FMAs). Other images: bf16x6 on CUDA where it fits, else float32."""
+        units beat the float32 FMAs). int8 only where :meth:`int8_exact` (an explicit int8 is
+        refused otherwise). Other images: bf16x6 on CUDA where it fits, else float32."""
         kernel = self.dense_kernel
         if kernel != "auto":
             if kernel != "float32" and not plan.binary:
@@ -167,17 +180,27 @@ class PcaLocalityDenoiser(_DatasetDenoiser):
             if kernel in ("bf16x3", "int8") and self.eight_bit_codes() is None:
                 raise ValueError(f"model.dense_kernel={kernel} needs 8-bit images (values (2q - 255)/255 for q in "
                                  "0..255), or use model.dense_kernel=auto")
+            if kernel == "int8" and not self.int8_exact():
+                raise ValueError(f"model.dense_kernel=int8: the int8 products of the {self.int8_backend()} backend "
+                                 f"are not exact on {self.device} (a probe with extreme operands came out wrong, as "
+                                 "on CPUs without VNNI, which add u8·s8 pairs in saturating int16): use "
+                                 "model.dense_kernel=auto or float32")
             return [kernel]
         if not plan.binary:
             return ["float32"]
         eight_bit = self.eight_bit_codes() is not None
         if self.device.type == "cuda":
             if eight_bit:
-                rows = self.images.shape[1] * batch
-                return ["bf16x3", "int8"] if rows < INT8_FIRST_ROWS and self._fits("bf16x3") else ["int8"]
+                int8 = ["int8"] if self.int8_exact() else []
+                tall = self.images.shape[1] * batch >= INT8_FIRST_ROWS
+                if self._fits("bf16x3") and not (tall and int8):
+                    return ["bf16x3", *int8]
+                if int8:
+                    return int8
             return ["bf16x6"] if self._fits("bf16x6") else ["float32"]
         avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-        return ["int8"] if eight_bit and avx512 and self.int8_backend() == "onednn" else ["float32"]
+        use_int8 = eight_bit and avx512 and self.int8_backend() == "onednn" and self.int8_exact()
+        return ["int8"] if use_int8 else ["float32"]
 
     def dense_choice(self, plan: MaskPlan, abar: float, scale: float,
                      x64: torch.Tensor) -> tuple[str, torch.dtype, int]:
