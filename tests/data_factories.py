@@ -6,7 +6,9 @@ exactly what it wrote, so a test can compare a loader's output to it:
 - :func:`write_idx_images`: one IDX3 ubyte image file (magic ``0x00000803``), raw or gzipped.
 - :func:`write_mnist_like`: torchvision's ``<root>/<MNIST|FashionMNIST>/raw`` train and test files
   (or, with ``raw_subdir=False``, the flat Debian ``dataset-fashion-mnist`` layout).
-- :func:`write_cifar10`: torchvision's ``<root>/cifar-10-batches-py`` pickle batches.
+- :func:`write_cifar10`: torchvision's ``<root>/cifar-10-batches-py`` pickle batches (bytes
+  written as Python 2 ``str``, like the real files: they load as bytes with ``encoding="bytes"``
+  and as str with torchvision's ``encoding="latin1"``).
 - :func:`write_image_folder`: image files for ``<root>/<name>/<split>/...`` (CelebA-HQ / AFHQ).
 - :func:`expected_unit_range`: the ``[-1, 1]`` float32 tensor a loader must return for uint8 data.
 """
@@ -94,6 +96,26 @@ def write_mnist_like(
     return written
 
 
+class _Python2Pickler(pickle._Pickler):
+    """Pickles ``bytes`` as Python 2 ``str`` (SHORT_BINSTRING / BINSTRING opcodes), as the real
+    CIFAR-10 batches (written by Python 2) hold their keys, labels and pixel buffers."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_python2_str(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_python2_str
+
+
+def _dump_python2(obj, f) -> None:
+    _Python2Pickler(f, protocol=2).dump(obj)
+
+
 def write_cifar10(
     root: str | Path, n_per_batch: int = 4, seed: int = 0, n_test: int | None = None
 ) -> dict[str, np.ndarray]:
@@ -120,7 +142,7 @@ def write_cifar10(
             b"filenames": [f"img_{name}_{i}.png".encode() for i in range(n)],
         }
         with open(folder / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
+            _dump_python2(batch, f)
         return images
 
     train = [_write(f"data_batch_{i}", n_per_batch, f"training batch {i} of 5") for i in range(1, 6)]
@@ -128,7 +150,7 @@ def write_cifar10(
     with open(folder / "batches.meta", "wb") as f:
         names = [b"airplane", b"automobile", b"bird", b"cat", b"deer",
                  b"dog", b"frog", b"horse", b"ship", b"truck"]
-        pickle.dump({b"label_names": names, b"num_cases_per_batch": n_per_batch}, f, protocol=2)
+        _dump_python2({b"label_names": names, b"num_cases_per_batch": n_per_batch}, f)
     return {"train": np.concatenate(train), "test": test}
 
 
