@@ -245,7 +245,8 @@ def cached_statistics(
 ) -> tuple[DataStatistics, bool]:
     """Statistics of ``images``, from the cache when a valid entry exists; returns (stats, hit).
 
-    A corrupt cache file is reported with a warning, recomputed and replaced.
+    A corrupt cache file is reported with a warning, recomputed and replaced; a cache that
+    cannot be written (read-only folder, full disk) is a warning, not an error.
     """
     fingerprint = content_fingerprint(images)
     path = None
@@ -265,6 +266,10 @@ def cached_statistics(
         progress=progress, fingerprint=fingerprint,
     )
     if path is not None:
-        save_statistics(stats, path)
-        log.info("statistics cached at %s", path)
+        try:
+            save_statistics(stats, path)
+            log.info("statistics cached at %s", path)
+        except OSError as exc:  # the statistics are computed: a cache that cannot be written loses nothing
+            log.warning("could not write the statistics cache %s (%s: %s); continuing without it "
+                        "(set paths.cache_dir to a writable folder)", path, type(exc).__name__, exc)
     return stats, False

@@ -499,3 +499,13 @@ def test_folder_decoded_cache_damaged_is_decoded_again(tmp_path, caplog):
         assert torch.equal(load_dataset("afhq", tmp_path, resolution=8, progress=False, cache_dir=cache), want)
     assert "unusable" not in caplog.text
     assert len(written) == 2
+
+
+def test_folder_decoded_cache_unwritable_is_a_warning(tmp_path, caplog):
+    written = write_image_folder(tmp_path / "afhq" / "train", n=2, size=8, seed=24)
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    with caplog.at_level("WARNING", logger="locality.data.folders"):
+        x = load_dataset("afhq", tmp_path, resolution=8, progress=False, cache_dir=blocked)
+    assert torch.equal(x, expected_unit_range(np.stack([p.transpose(2, 0, 1) for _, p in written])))
+    assert "could not write the decoded cache" in caplog.text

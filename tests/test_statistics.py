@@ -69,6 +69,17 @@ def test_corrupt_cache_is_detected_and_recomputed(tmp_path, caplog):
     assert load_statistics(path).fingerprint == stats.fingerprint  # rewritten whole
 
 
+def test_unwritable_cache_is_a_warning_not_an_error(tmp_path, caplog):
+    """A cache folder that cannot be written (here: a file in its place) loses nothing."""
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    y = images()
+    with caplog.at_level(logging.WARNING):
+        stats, hit = cached_statistics(y, blocked, "toy", "train", 3, None, progress=False)
+    assert not hit and "could not write the statistics cache" in caplog.text
+    assert torch.equal(stats.mean, fit_statistics(y, progress=False).mean)
+
+
 def test_cache_with_flipped_bytes_fails_its_checksum(tmp_path):
     y = images()
     cached_statistics(y, tmp_path, "toy", "train", 3, None, progress=False)

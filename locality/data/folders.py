@@ -23,7 +23,8 @@ Decoded cache: with a ``cache_dir`` the decoded pixels [N, 3, r, r] uint8 are ke
 recipe, the resolution and every file's relative path and bytes. A later run hashes the files
 (a fraction of decoding them: JPEG decoding and resizing dominate) and reads the pixels back; any
 change to a file, the subset or the resolution gives another key. The file is written
-atomically; an unreadable or mismatching one is decoded again and replaced (with a warning).
+atomically; an unreadable or mismatching one is decoded again and replaced (with a warning); a
+cache that cannot be written is a warning too.
 """
 
 from __future__ import annotations
@@ -190,8 +191,13 @@ def load_image_folder(req: LoadRequest) -> torch.Tensor:
 
     _in_threads(_load, n, f"loading {req.name}/{req.split}", req.progress)
     if cache is not None:
-        atomic_torch_save({"images": out, "key": key, "recipe": DECODE_RECIPE}, cache)
-        log.info("kept the decoded images of %s/%s in %s", req.name, req.split, cache)
+        try:
+            atomic_torch_save({"images": out, "key": key, "recipe": DECODE_RECIPE}, cache)
+            log.info("kept the decoded images of %s/%s in %s", req.name, req.split, cache)
+        except OSError as e:  # the pixels are decoded: a cache that cannot be written loses nothing
+            log.warning("could not write the decoded cache %s (%s: %s); continuing without it (set "
+                        "paths.cache_dir to a writable folder, or dataset.cache_decoded=false)", cache,
+                        type(e).__name__, e)
     return out
 
 
