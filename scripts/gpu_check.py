@@ -83,6 +83,27 @@ def probe(device: torch.device) -> dict:
     return report
 
 
+def random_eight_bit_images(num: int, n: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    """[num, n] random 8-bit pixels in the loaders' format, (v/255 - 0.5)/0.5, on ``device``."""
+    return ((torch.randint(0, 256, (num, n), generator=g).float() / 255 - 0.5) / 0.5).to(device)
+
+
+def alternating_medians(runs: dict, device: torch.device) -> dict:
+    """Seconds of each callable in ``runs``: 4 rounds in alternation (A B A B …), the first a
+    warm-up, the median of the other 3 (synchronised on CUDA)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict = {k: [] for k in runs}
+    for rep in range(4):
+        for name, fn in runs.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if rep:
+                times[name].append(time.perf_counter() - start)
+    return {k: sorted(v)[1] for k, v in times.items()}
+
+
 def kernel_steps(device: torch.device, smoke: bool) -> list[dict]:
     """One dense step (t = 500, float32 accuracy) of bf16x3 and of int8 (3 digits) on random
     8-bit images with a random binary mask of density 0.5, at the Fashion-MNIST, CIFAR-10 and
@@ -90,15 +111,13 @@ def kernel_steps(device: torch.device, smoke: bool) -> list[dict]:
     from locality.models.eight_bit import Bf16CodeImages, Int8Images, bf16x3_step, eight_bit_codes, int8_step
     from locality.models.fast_masked import plan_mask
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     shapes = [(784, 32, 60000), (3072, 64, 50000), (12288, 8, 30000)]
     if smoke:
         shapes = [(64, 4, 300), (192, 4, 200)]
     out = []
     for n, batch, num in shapes:
         g = torch.Generator().manual_seed(n)
-        images = (torch.randint(0, 256, (num, n), generator=g).float() / 255 - 0.5) / 0.5
-        images = images.to(device)
+        images = random_eight_bit_images(num, n, g, device)
         plan = plan_mask((torch.rand(n, n, generator=g, dtype=torch.float64) < 0.5).double(), device)
         x64 = torch.randn(batch, n, generator=g, dtype=torch.float64).to(device)
         codes = eight_bit_codes(images)
@@ -106,16 +125,7 @@ def kernel_steps(device: torch.device, smoke: bool) -> list[dict]:
         mask8 = plan.dense_mask(torch.int8)
         runs = {"bf16x3": lambda: bf16x3_step(bf16, images, plan, x64, 0.6, 0.8, None),
                 "int8x3": lambda: int8_step(int8, images, mask8, x64, 0.6, 0.8, 3, torch.float32, None)}
-        times: dict = {k: [] for k in runs}
-        for rep in range(4):
-            for name, fn in runs.items():
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                if rep:
-                    times[name].append(time.perf_counter() - start)
-        row = {"n": n, "samples": batch, "images": num, **{k: sorted(v)[1] for k, v in times.items()}}
+        row = {"n": n, "samples": batch, "images": num, **alternating_medians(runs, device)}
         print(json.dumps(row), flush=True)
         out.append(row)
         if device.type == "cuda":
@@ -132,10 +142,9 @@ def low_noise_steps(device: torch.device, smoke: bool) -> list[dict]:
     from locality.models.eight_bit import Int8Images, eight_bit_codes, int8_step
     from locality.models.fast_masked import float_step, plan_mask, sparse_step
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n, batch, num = (64, 4, 300) if smoke else (784, 32, 60000)
     g = torch.Generator().manual_seed(7)
-    images = ((torch.randint(0, 256, (num, n), generator=g).float() / 255 - 0.5) / 0.5).to(device)
+    images = random_eight_bit_images(num, n, g, device)
     mean64 = images.double().mean(0)
     x64 = torch.randn(batch, n, generator=g, dtype=torch.float64).to(device)
     int8 = Int8Images(eight_bit_codes(images), "int_mm")
@@ -149,23 +158,17 @@ def low_noise_steps(device: torch.device, smoke: bool) -> list[dict]:
                 "float64": lambda: float_step(images, mean64, plan, x64, a, scale, torch.float64, None),
                 "int8x4_float64": lambda: int8_step(int8, images, plan.dense_mask(torch.int8), x64, a, scale, 4,
                                                     torch.float64, None)}
-        times: dict = {k: [] for k in runs}
-        for rep in range(4):
-            for name, fn in runs.items():
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                if rep:
-                    times[name].append(time.perf_counter() - start)
         row = {"n": n, "samples": batch, "images": num, "ones_per_column": ones, "density": ones / n,
-               **{k: sorted(v)[1] for k, v in times.items()}}
+               **alternating_medians(runs, device)}
         print(json.dumps(row), flush=True)
         out.append(row)
     return out
 
 
 def main() -> None:
+    if len(sys.argv) < 3 or sys.argv[1].startswith("--"):
+        sys.exit("usage: python scripts/gpu_check.py OUT_DIR --probe|--fmnist|--large|--kernels [--smoke] "
+                 "(OUT_DIR first: the reports are written there)")
     out = Path(sys.argv[1])
     smoke = "--smoke" in sys.argv
     device = torch.device("cpu" if smoke else "cuda")
