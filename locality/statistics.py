@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from locality.atomic import atomic_torch_save
+from locality.atomic import atomic_torch_save, write_cache_or_warn
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +266,7 @@ def cached_statistics(
         progress=progress, fingerprint=fingerprint,
     )
     if path is not None:
-        try:
-            save_statistics(stats, path)
+        if write_cache_or_warn(lambda: save_statistics(stats, path), path, "statistics cache", log,
+                               "set paths.cache_dir to a writable folder"):
             log.info("statistics cached at %s", path)
-        except OSError as exc:  # the statistics are computed: a cache that cannot be written loses nothing
-            log.warning("could not write the statistics cache %s (%s: %s); continuing without it "
-                        "(set paths.cache_dir to a writable folder)", path, type(exc).__name__, exc)
     return stats, False

@@ -42,7 +42,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
-from locality.atomic import atomic_torch_save
+from locality.atomic import atomic_torch_save, write_cache_or_warn
 from locality.data.common import LoadRequest, check_subset_size, not_found
 
 log = logging.getLogger(__name__)
@@ -191,13 +191,10 @@ def load_image_folder(req: LoadRequest) -> torch.Tensor:
 
     _in_threads(_load, n, f"loading {req.name}/{req.split}", req.progress)
     if cache is not None:
-        try:
-            atomic_torch_save({"images": out, "key": key, "recipe": DECODE_RECIPE}, cache)
+        saved = {"images": out, "key": key, "recipe": DECODE_RECIPE}
+        if write_cache_or_warn(lambda: atomic_torch_save(saved, cache), cache, "decoded cache", log,
+                               "set paths.cache_dir to a writable folder, or dataset.cache_decoded=false"):
             log.info("kept the decoded images of %s/%s in %s", req.name, req.split, cache)
-        except OSError as e:  # the pixels are decoded: a cache that cannot be written loses nothing
-            log.warning("could not write the decoded cache %s (%s: %s); continuing without it (set "
-                        "paths.cache_dir to a writable folder, or dataset.cache_decoded=false)", cache,
-                        type(e).__name__, e)
     return out
 
 

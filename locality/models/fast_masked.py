@@ -128,8 +128,8 @@ class MaskPlan:
 
 
 def plan_mask(mask: torch.Tensor, device: torch.device) -> MaskPlan:
-    """Classify M [n_in, n_out] (float64, CPU) from its statistics; index the ones of a
-    sparse-eligible mask. Dense forms are built when a kernel first asks for them."""
+    """Classify M [n_in, n_out] (float64, CPU) from its statistics; keep a sparse-eligible
+    mask as Mᵀ in CSR on the device. Dense forms are built when a kernel first asks for them."""
     n = mask.shape[0]
     nonzero = mask != 0
     binary = bool(((mask == 0) | (mask == 1)).all())
