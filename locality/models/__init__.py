@@ -6,6 +6,8 @@ from locality.models import pca_locality as _pca_locality  # noqa: F401  (regist
 from locality.models.analytical import NearestDatasetDenoiser, OptimalDenoiser, WienerDenoiser
 from locality.models.pca_locality import PcaLocalityDenoiser
 from locality.models import unet as _unet  # noqa: F401  (registers "unet")
+from locality.models import peers as _peers  # noqa: F401  (registers "els", "pspc")
+from locality.models.peers import ElsDenoiser, PspcDenoiser
 
 
 def build_model(name: str, images, stats, **params) -> Denoiser:
@@ -14,6 +16,6 @@ def build_model(name: str, images, stats, **params) -> Denoiser:
 
 
 __all__ = [
-    "Denoiser", "NearestDatasetDenoiser", "OptimalDenoiser", "PcaLocalityDenoiser",
+    "Denoiser", "ElsDenoiser", "NearestDatasetDenoiser", "OptimalDenoiser", "PcaLocalityDenoiser", "PspcDenoiser",
     "WienerDenoiser", "available_models", "build_model", "get_model_class", "register_model",
 ]

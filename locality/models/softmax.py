@@ -33,15 +33,23 @@ class OnlineSoftmaxAverage:
         self.pixel_major = False  # accumulators [n, B] (update_pixel_major) rather than [B, n]
         self._both: torch.Tensor | None = None  # update_pixel_major's [values, ones] buffer
 
-    def update(self, logits: torch.Tensor, values: torch.Tensor) -> None:
-        """Per-image layout: logits [B, K] (overwritten with the weights), values [K, n]."""
+    def update(self, logits: torch.Tensor, values: torch.Tensor, ones_column: bool = False) -> None:
+        """Per-image layout: logits [B, K] (overwritten with the weights), values [K, n].
+
+        ``ones_column``: the last column of ``values`` is all ones, so the normaliser comes out
+        of the same product as the weighted sum (one pass less over the weights); the result
+        then has n - 1 columns."""
         new_max = logits.amax(dim=1).double()  # [B]
         if self.max is not None:
             new_max = torch.maximum(self.max, new_max)
         weights = logits.sub_(new_max.to(logits.dtype).unsqueeze(1))
         weights = weights.clamp_(min=-WEIGHT_FLOOR_LOG).exp_()  # ≤ 1: no overflow; no subnormals
-        chunk_norm = weights.sum(dim=1, dtype=torch.float64)  # [B]
-        chunk_acc = (weights @ values.to(weights.dtype)).double()  # [B, n]
+        if ones_column:
+            sums = (weights @ values.to(weights.dtype)).double()  # [B, n]
+            chunk_norm, chunk_acc = sums[:, -1], sums[:, :-1]
+        else:
+            chunk_norm = weights.sum(dim=1, dtype=torch.float64)  # [B]
+            chunk_acc = (weights @ values.to(weights.dtype)).double()  # [B, n]
         self._merge(new_max, chunk_norm, chunk_acc)
 
     def update_pixel_major(self, logits: torch.Tensor, values: torch.Tensor) -> None:
