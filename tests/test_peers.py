@@ -1,0 +1,215 @@
+"""els and pspc (SPEC, "Models of the peers") against a float64 brute force of their formulas,
+against the authors' own outputs, and for chunk- and batch-size independence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import require_reference
+from locality.models import build_model
+from locality.schedule import alpha_bar
+
+# ------------------------------------------------------------------ float64 brute force (SPEC)
+
+
+def brute_els(x: torch.Tensor, y: torch.Tensor, t: int, k: int, variant: str) -> torch.Tensor:
+    """The SPEC formula pixel by pixel: explicit candidate sets, padded windows, direct
+    differences, one softmax per pixel over all candidates of all images. x [B, C, H, W],
+    y [N, C, H, W] -> [B, C, H, W] float64."""
+    x, y = x.double(), y.double()
+    abar = float(alpha_bar(t))
+    a, s2 = math.sqrt(abar), 1.0 - abar
+    _, c, h, w = x.shape
+    d = k // 2
+    mode = "circular" if variant == "circular" else "constant"
+    xp = F.pad(x, (d, d, d, d), mode=mode) if d else x
+    yp = F.pad(y, (d, d, d, d)) if d else y
+    out = torch.empty_like(x)
+    for i in range(h):
+        for j in range(w):
+            if variant == "local":
+                cands = [(i, j)]
+            elif variant == "circular":
+                cands = [(u, v) for u in range(d, h - d) for v in range(d, w - d)]
+            else:
+                rows = [i] if (i < d or i > h - 1 - d) else list(range(d, h - d))
+                cols = [j] if (j < d or j > w - 1 - d) else list(range(d, w - d))
+                cands = [(u, v) for u in rows for v in cols]
+            q = xp[:, :, i : i + k, j : j + k].reshape(x.shape[0], 1, -1)  # [B, 1, D]
+            wins = torch.stack([yp[:, :, u : u + k, v : v + k].reshape(y.shape[0], -1) for u, v in cands], 1)
+            vals = torch.stack([y[:, :, u, v] for u, v in cands], 1).reshape(-1, c)  # [N·P, C]
+            dist = (q.unsqueeze(1) - a * wins.unsqueeze(0)).square().sum(-1).reshape(x.shape[0], -1)
+            out[:, :, i, j] = torch.softmax(-dist / (2 * s2), dim=1) @ vals
+    return out
+
+
+def brute_pspc(x: torch.Tensor, y: torch.Tensor, t: int, p: int, mirror: bool) -> torch.Tensor:
+    """The SPEC formula window by window: m_R per p×p window, then the mean over the windows
+    containing each pixel (p clipped to the image)."""
+    x, y = x.double(), y.double()
+    if mirror:
+        y = torch.cat([y, y.flip(-1)])
+    abar = float(alpha_bar(t))
+    a, s2 = math.sqrt(abar), 1.0 - abar
+    b, c, h, w = x.shape
+    ph, pw = min(p, h), min(p, w)
+    total = torch.zeros_like(x)
+    count = torch.zeros(h, w, dtype=torch.float64)
+    for r in range(h - ph + 1):
+        for q in range(w - pw + 1):
+            xr = x[:, :, r : r + ph, q : q + pw].reshape(b, 1, -1)
+            yr = y[:, :, r : r + ph, q : q + pw].reshape(1, y.shape[0], -1)
+            wts = torch.softmax(-(xr - a * yr).square().sum(-1) / (2 * s2), dim=1)  # [B, N]
+            total[:, :, r : r + ph, q : q + pw] += (wts @ yr[0]).reshape(b, c, ph, pw)
+            count[r : r + ph, q : q + pw] += 1
+    return total / count
+
+
+def small_data(seed: int = 0, shape=(2, 7, 6), num: int = 5, batch: int = 3):
+    """Random 8-bit images (exact in float32, like every dataset here) and noisy samples (a
+    non-square image catches swapped axes)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 256, (num, *shape), generator=g).double() / 127.5 - 1
+    x = torch.randn(batch, *shape, generator=g, dtype=torch.float64)
+    return y, x
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+    abar = float(alpha_bar(t))
+    return math.sqrt(abar) * x0 + math.sqrt(1 - abar) * noise
+
+
+# ------------------------------------------------------------------ against the brute force
+
+
+# k = 1, odd, and ≥ H (7 × 6 images: 7 and 9 are the same-position rule for borders); circular
+# needs k ≤ the image (larger is an error, tested below)
+ELS_CASES = [(v, k) for v in ("borders", "circular", "local") for k in (1, 3, 5, 7, 9) if v != "circular" or k <= 5]
+
+
+@pytest.mark.parametrize("variant,k", ELS_CASES)
+@pytest.mark.parametrize("t", [900, 300, 0])
+def test_els_matches_brute_force(variant, k, t):
+    y, noise = small_data()
+    x = noised(y[:3].flip(0), noise, t)  # near the data at low noise: peaked softmaxes
+    want = brute_els(x, y, t, k, variant)
+    for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        model = build_model("els", y, None, patch_sizes=k, variant=variant, dtype=dtype)
+        torch.testing.assert_close(model(x, t).double(), want, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("mirror", [True, False])
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 6, 7, 40])
+@pytest.mark.parametrize("t", [900, 300, 0])
+def test_pspc_matches_brute_force(mirror, p, t):
+    y, noise = small_data(1)
+    x = noised(y[:3], noise, t)
+    want = brute_pspc(x, y, t, p, mirror)
+    for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        model = build_model("pspc", y, None, patch_sizes=p, mirror=mirror, dtype=dtype)
+        torch.testing.assert_close(model(x, t).double(), want, atol=atol, rtol=0)
+
+
+def test_pspc_of_the_whole_image_is_the_optimal_denoiser():
+    y, noise = small_data(2, shape=(1, 6, 6))
+    x = noised(y[:3], noise, 500)
+    pspc = build_model("pspc", y, None, patch_sizes=6, mirror=False)(x, 500)
+    optimal = build_model("optimal", y, None, temperature=1.0)(x, 500)
+    torch.testing.assert_close(pspc, optimal, atol=1e-12, rtol=0)
+
+
+def test_els_brute_force_is_not_trivially_local():
+    """The candidate sets matter: borders, circular and local give different outputs (so the
+    tests above can tell the variants apart)."""
+    y, noise = small_data(3)
+    x = noised(y[:3], noise, 300)
+    outs = [brute_els(x, y, 300, 3, v) for v in ("borders", "circular", "local")]
+    assert (outs[0] - outs[1]).abs().max() > 1e-3 and (outs[0] - outs[2]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------ chunks, batches, timesteps
+
+
+@pytest.mark.parametrize("name,params", [("els", {"variant": "borders", "patch_sizes": 3}),
+                                         ("els", {"variant": "circular", "patch_sizes": 3}),
+                                         ("els", {"variant": "local", "patch_sizes": 5}),
+                                         ("pspc", {"patch_sizes": 3})])
+def test_output_does_not_depend_on_chunk_or_batch_size(name, params):
+    """The authors' circular and local code averaged per-batch softmaxes; here neither the
+    image chunks nor the sample batch change x̂0."""
+    y, noise = small_data(4, num=9, batch=4)
+    for t in (900, 0):
+        x = noised(y[:4], noise, t)
+        outs = [build_model(name, y, None, chunk_size=c, **params)(x, t) for c in (1, 4, None)]
+        for o in outs[1:]:
+            torch.testing.assert_close(o, outs[0], atol=1e-12, rtol=0)
+        model = build_model(name, y, None, **params)
+        one_by_one = torch.cat([model(x[b : b + 1], t) for b in range(len(x))])
+        torch.testing.assert_close(one_by_one, outs[0], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["els", "pspc"])
+def test_a_vector_of_timesteps_and_per_step_sizes(name):
+    """One timestep per sample (the authors' code crashed), each at its own step's size."""
+    y, noise = small_data(5)
+    sizes = [5, 5, 3, 3, 1]  # num_steps=5: t = 800, 600, 400, 200, 0
+    model = build_model(name, y, None, patch_sizes=sizes, num_steps=5)
+    assert [model.size_at(t) for t in (800, 600, 400, 200, 0)] == sizes
+    assert model.size_at(650) == 5 and model.size_at(300) == 3  # off the grid: the nearest step (ties: noisier)
+    ts = torch.tensor([800, 200, 0])
+    x = noised(y[:3], noise, 400)
+    got = model(x, ts)
+    for b, t in enumerate(ts.tolist()):
+        torch.testing.assert_close(got[b : b + 1], model(x[b : b + 1], t), atol=1e-12, rtol=0)
+
+
+def test_bad_patch_sizes_are_clear_errors():
+    y, _ = small_data()
+    with pytest.raises(ValueError, match="odd patch sizes.*got 4 at t=0.*use 3 or 5"):
+        build_model("els", y, None, patch_sizes=[5, 4], num_steps=2)
+    with pytest.raises(ValueError, match="variant=circular needs patch sizes of at most the image size 6"):
+        build_model("els", y, None, patch_sizes=7, variant="circular")
+    with pytest.raises(ValueError, match="has 3 entries but the sampler takes 10 steps"):
+        build_model("pspc", y, None, patch_sizes=[3, 3, 3])
+    with pytest.raises(ValueError, match="positive integers, got 0"):
+        build_model("pspc", y, None, patch_sizes=[3, 0], num_steps=2)
+    with pytest.raises(ValueError, match="model.variant must be one of borders, circular, local"):
+        build_model("els", y, None, patch_sizes=3, variant="reflect")
+    with pytest.raises(ValueError, match=r"x_t must be \[B, 2, 7, 6\]"):
+        build_model("els", y, None, patch_sizes=3)(torch.zeros(1, 2, 6, 7), 0)
+
+
+# ------------------------------------------------------------------ the authors' own outputs
+
+
+def _load(name: str):
+    return torch.load(require_reference(name), weights_only=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_els_matches_the_authors_vectors(dtype):
+    ref = _load("els_borders_vectors_fmnist200.pt")
+    assert ref["meta"]["module"] == "LocalEquivBordersScoreModule"
+    for rec in ref["records"]:
+        model = build_model("els", ref["Y"], None, patch_sizes=rec["k"], dtype=dtype)
+        got = model(rec["x_t"], rec["t"]).double()
+        torch.testing.assert_close(got, rec["x0_hat"].double(), atol=1e-4, rtol=0)
+        torch.testing.assert_close(got, rec["x0_hat_ref"].double(), atol=1e-4 if dtype == torch.float32 else 1e-9,
+                                   rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pspc_matches_the_authors_vectors(dtype):
+    ref = _load("pspc_vectors_fmnist200.pt")
+    for key, mirror in (("xflip_True", True), ("xflip_False", False)):
+        for rec in ref["records"][key]:
+            # the authors' schedule gives 32 at high noise, clipped to 28 here as in their run
+            model = build_model("pspc", ref["Y"], None, patch_sizes=rec["patch_size"], mirror=mirror, dtype=dtype)
+            got = model(rec["x_t"], rec["t"]).double()
+            torch.testing.assert_close(got, rec["x0_hat"].double(), atol=1e-4, rtol=0)
+            torch.testing.assert_close(got, rec["x0_hat_ref"].double(),
+                                       atol=1e-4 if dtype == torch.float32 else 1e-9, rtol=0)
