@@ -159,7 +159,7 @@ def test_slurm_gpu_preset_asks_for_a_gpu(tmp_path):
 def test_paper_grid_preset_holds_the_reference_grid():
     cfg = compose(["experiment=paper_grid"])
     params = cfg.hydra.sweeper.params
-    assert params.model.split(",") == ["pca_locality", "optimal", "wiener", "nearest_dataset"]
+    assert params.model.split(",") == ["pca_locality", "optimal", "wiener", "nearest_dataset", "els", "pspc"]
     assert params.dataset.split(",") == ["mnist", "fashion_mnist", "cifar10", "celeba_hq", "afhq"]
     assert cfg.sampler.num_samples == 128 and cfg.sweep.name == "paper_grid"
 
