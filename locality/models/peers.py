@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -138,17 +139,28 @@ class PatchDenoiser(Denoiser):
         x64 = x_t.to(self.device, torch.float64)
         for idx, step in timestep_groups(x_t, t):
             idx = idx.to(self.device)
-            size = self.size_at(step)
-            cdt = self.compute_dtype(x64[idx], step, size)
-            self.last_dtype = cdt
-            abar = self.alpha_bar(step)
-            out[idx] = self.step(x64[idx].to(cdt), math.sqrt(abar), 1.0 / (2.0 * (1.0 - abar)), size,
-                                 self.images_in(cdt))
+            out[idx] = self.denoise_at(x64[idx], step, self.size_at(step))
         return out.to(x_t.dtype)
 
+    def denoise_at(self, x_t: torch.Tensor, t: int, size: int) -> torch.Tensor:
+        """x̂0 [B, C, H, W] float64 at timestep t with patch size ``size`` (whatever the
+        schedule says: the calibration compares sizes with this)."""
+        self.check_size(size)
+        x64 = x_t.to(self.device, torch.float64)
+        cdt = self.compute_dtype(x64, t, size)
+        self.last_dtype = cdt
+        abar = self.alpha_bar(t)
+        return self.step(x64.to(cdt), math.sqrt(abar), 1.0 / (2.0 * (1.0 - abar)), size, self.images_in(cdt))
+
+    def check_size(self, size: int, where: str = "") -> None:
+        """ValueError for a patch size the model cannot take (every positive size by default)."""
+        if size < 1:
+            raise ValueError(f"{self.name}: patch sizes must be positive integers, got {size}{where}")
+
+    @abstractmethod
     def step(self, x: torch.Tensor, a: float, scale: float, size: int, images: torch.Tensor) -> torch.Tensor:
-        """x̂0 [B, C, H, W] float64 of samples x [B, C, H, W] (compute dtype)."""
-        raise NotImplementedError
+        """x̂0 [B, C, H, W] float64 of samples x [B, C, H, W] (compute dtype) against ``images``
+        [N, C, H, W] (compute dtype), a = sqrt(ᾱ), scale = 1/(2(1-ᾱ))."""
 
 
 def _clip(centre: int, half: int, length: int) -> tuple[int, int]:
@@ -181,18 +193,22 @@ class ElsDenoiser(PatchDenoiser):
                  **kw) -> None:
         if variant not in ELS_VARIANTS:
             raise ValueError(f"model.variant must be one of {', '.join(ELS_VARIANTS)}, got {variant!r}")
-        super().__init__(images, patch_sizes, **kw)
         self.variant = variant
-        h, w = self.images.shape[2:]
+        super().__init__(images, patch_sizes, **kw)
         for t, k in self.schedule.items():
-            if k % 2 == 0:
-                raise ValueError(f"model=els needs odd patch sizes (a window centred on its pixel), got {k} at "
-                                 f"t={t} in model.patch_sizes={list(self.schedule.values())}: use {k - 1} or {k + 1}")
-            if variant == "circular" and k > min(h, w):
-                raise ValueError(f"model.variant=circular needs patch sizes of at most the image size "
-                                 f"{min(h, w)} (fully-inside training windows), got {k} at t={t}: use "
-                                 f"a smaller size, or variant=borders, where k ≥ H means the same position")
+            self.check_size(k, f" at t={t} in model.patch_sizes={list(self.schedule.values())}")
         self._plans: dict[int, tuple[list[Band], list[Tile]]] = {}
+
+    def check_size(self, k: int, where: str = "") -> None:
+        """ValueError unless k is odd (and, for ``circular``, at most the image size)."""
+        h, w = self.images.shape[2:]
+        if k % 2 == 0 or k < 1:
+            raise ValueError(f"model=els needs odd patch sizes (a window centred on its pixel), got {k}{where}: "
+                             f"use {max(1, k - 1)} or {k + 1}")
+        if self.variant == "circular" and k > min(h, w):
+            raise ValueError(f"model.variant=circular needs patch sizes of at most the image size {min(h, w)} "
+                             f"(fully-inside training windows), got {k}{where}: use a smaller size, or "
+                             "variant=borders, where k ≥ H means the same position")
 
     def plan(self, k: int) -> tuple[list[Band], list[Tile]]:
         """The sliding bands and same-position tiles that cover every output pixel at size k."""
