@@ -18,7 +18,7 @@ row [2as q, -a²s] with an augmented candidate column [c, ‖c‖²]: a GEMM wit
   (els' corners and its local variant; pspc). The windows of a tile of neighbouring positions
   lie in one rectangle of the image; the rectangle of each image is copied once per chunk and
   every query is masked to its own window over the rectangle: logits [S·B, K] =
-  masked queries [S·B, D_r + S] @ [rectangle, window norms] [K, D_r + S]ᵀ. The mask wastes the
+  masked queries [S·B, D_r] @ rectangles [K, D_r]ᵀ, minus the window norms a²s‖y_k[window]‖². The mask wastes the
   zeros outside each window (the tile's ``waste``), but needs no per-window copy of the images:
   a copy per window would move as many values as the GEMM multiplies (each used only B times).
 
@@ -29,14 +29,14 @@ s reaches 5000). Softmax accumulators are float64 either way.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from locality.models.memory import Workspace, chunk_rows, memory_budget
-from locality.models.softmax import OnlineSoftmaxAverage
+from locality.models.softmax import LOG2_E, OnlineSoftmaxAverage
 
 LOGITS_CPU_CAP_BYTES = 8 << 20  # CPU: logits blocks that stay in the last-level cache
 # candidates per softmax update: the weighted sums of one update are float32 GEMM sums (float64
@@ -65,6 +65,11 @@ def _logit_budget(device: torch.device) -> int:
     return memory_budget(device, cpu_cap=LOGITS_CPU_CAP_BYTES)
 
 
+def _accumulator(weights32: bool) -> OnlineSoftmaxAverage:
+    """The online softmax of base-2 logits (float32 weights from float64 logits if asked)."""
+    return OnlineSoftmaxAverage(base2=True, weights_dtype=torch.float32 if weights32 else None)
+
+
 @dataclass(frozen=True)
 class Band:
     """A rectangle of the training images, rows [r0, r1) × columns [c0, c1), whose windows of
@@ -84,13 +89,14 @@ class Band:
 
 
 def sliding_average(queries: torch.Tensor, images: torch.Tensor, band: Band, a: float, scale: float,
-                    chunk_size: int | None) -> torch.Tensor:
+                    chunk_size: int | None, weights32: bool = False) -> torch.Tensor:
     """Softmax average over every window of ``band`` of every image, per query.
 
     queries [R, D] (windows of the noisy batch in ``F.unfold`` order (C, kh, kw), in the compute
     dtype), images [N, C, H, W] in the compute dtype. Each query's logits are
     2as q·c - a²s‖c‖² over all N·L candidate windows c (L = the band's positions), its result
-    the softmax average of their value pixels. Returns [R, C] float64."""
+    the softmax average of their value pixels. ``weights32``: float64 logits give float32
+    weights (:class:`OnlineSoftmaxAverage`). Returns [R, C] float64."""
     rows, dim = queries.shape
     num, channels = images.shape[:2]
     lh, lw = band.positions
@@ -98,23 +104,25 @@ def sliding_average(queries: torch.Tensor, images: torch.Tensor, band: Band, a: 
     dtype, device = queries.dtype, queries.device
     item = queries.element_size()
     aug = torch.empty(rows, dim + 1, dtype=dtype, device=device)
-    aug[:, :dim] = queries * (2.0 * a * scale)
-    aug[:, dim] = -a * a * scale
+    aug[:, :dim] = queries * (2.0 * a * scale * LOG2_E)  # base-2 logits: exp2 is the fast one
+    aug[:, dim] = -a * a * scale * LOG2_E
     # images per chunk: the unfolded windows with their norms and values (K·L·(2D + C + 2))
     size = _chunk_images(item * windows * (2 * dim + channels + 2), device, chunk_size, num)
     size = min(size, max(1, MAX_UPDATE_COLUMNS // windows))
     # query rows per block: a block of logits [rows, K·L] within the logits budget
     block = max(1, min(rows, _logit_budget(device) // max(1, item * size * windows)))
-    accs = [OnlineSoftmaxAverage() for _ in range(0, rows, block)]
+    accs = [_accumulator(weights32) for _ in range(0, rows, block)]
     ws = Workspace(device)
     ch, cw = band.centre
     for start in range(0, num, size):
         part = images[start : start + size, :, band.r0 : band.r1, band.c0 : band.c1]
         k = part.shape[0]
-        unfolded = F.unfold(part, band.kernel)  # [K, D, L]
+        # the windows [K, Lh, Lw, (C, kh, kw)] as a strided view, copied once into the GEMM operand
+        # (F.unfold and a transposed copy took twice as long: im2col ran at ~2 ns a value)
+        view = part.unfold(2, band.kernel[0], 1).unfold(3, band.kernel[1], 1).permute(0, 2, 3, 1, 4, 5)
         cand = ws.take("cand", (k, windows, dim + 1), dtype)
-        cand[..., :dim] = unfolded.transpose(1, 2)
-        cand[..., dim] = unfolded.square_().sum(dim=1)  # ‖c‖² (unfolded is a temporary)
+        cand[..., :dim] = view.reshape(k, windows, dim)
+        cand[..., dim] = cand[..., :dim].square().sum(dim=2)  # ‖c‖²
         cand = cand.view(k * windows, dim + 1)
         values = ws.take("values", (k, windows, channels + 1), dtype)
         values[..., :channels] = part[:, :, ch : ch + lh, cw : cw + lw].reshape(k, channels, windows).transpose(1, 2)
@@ -141,6 +149,7 @@ class Tile:
     windows: tuple[tuple[int, int, int, int], ...]
     centres: tuple[tuple[int, int], ...] | None = None
 
+    @functools.lru_cache(maxsize=4096)  # a tile is planned once per patch size: build its masks once
     def masks(self, channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """[S, C·h·w] binary: window s over the rectangle (all channels)."""
         h, w = self.r1 - self.r0, self.c1 - self.c0
@@ -149,6 +158,7 @@ class Tile:
             m[s, :, t - self.r0 : b - self.r0, l - self.c0 : r - self.c0] = 1.0
         return m.reshape(len(self.windows), -1)
 
+    @functools.lru_cache(maxsize=4096)
     def centre_index(self, channels: int, device: torch.device) -> torch.Tensor:
         """[S·C] indices of the windows' value pixels in the flattened (C, h, w) rectangle,
         ordered (window, channel)."""
@@ -158,13 +168,14 @@ class Tile:
 
 
 def masked_tile_average(x: torch.Tensor, images: torch.Tensor, tile: Tile, a: float, scale: float,
-                        chunk_size: int | None) -> torch.Tensor:
+                        chunk_size: int | None, weights32: bool = False) -> torch.Tensor:
     """Softmax average over the N images of each window of ``tile``, at its own position.
 
     x [B, C, H, W] and images [N, C, H, W] in the compute dtype. For window s and sample b,
     logits 2as x[b]·y_k - a²s‖y_k‖² over the window, one per image k. Returns [S, B, V]
     float64: V = C (the window's value pixel, ``tile.centres``) or the whole rectangle
-    C·h·w (``centres`` None; the caller keeps each window's own part)."""
+    C·h·w (``centres`` None; the caller keeps each window's own part). ``weights32`` as for
+    :func:`sliding_average`."""
     batch, channels = x.shape[:2]
     num = images.shape[0]
     dtype, device = x.dtype, x.device
@@ -173,27 +184,28 @@ def masked_tile_average(x: torch.Tensor, images: torch.Tensor, tile: Tile, a: fl
     masks = tile.masks(channels, dtype, device)  # [S, D_r]
     dim = masks.shape[1]
     region = x[:, :, tile.r0 : tile.r1, tile.c0 : tile.c1].reshape(batch, dim)
-    aug = torch.zeros(s_count, batch, dim + s_count, dtype=dtype, device=device)
-    aug[..., :dim] = masks.unsqueeze(1) * region.unsqueeze(0) * (2.0 * a * scale)
-    aug[torch.arange(s_count), :, dim + torch.arange(s_count)] = -a * a * scale  # picks window s's norm
-    aug = aug.view(s_count * batch, dim + s_count)
+    # base-2 logits (exp2 is the fast one); the window norms are subtracted after the GEMM: as
+    # one-hot columns of the GEMM they cost S multiply-adds per logit (els' corner tiles: 441)
+    queries = (masks.unsqueeze(1) * region.unsqueeze(0) * (2.0 * a * scale * LOG2_E)).view(s_count * batch, dim)
+    norm_factor = a * a * scale * LOG2_E
     centres = tile.centre_index(channels, device) if tile.centres is not None else None
     width = dim if centres is None else len(centres)
-    # images per chunk: rectangle + norms, values, logits column (S·B)
-    size = _chunk_images(item * (2 * dim + 2 * s_count + width + 1 + s_count * batch), device, chunk_size, num)
+    # images per chunk: rectangle, its squares, norms, values, logits column (S·B)
+    size = _chunk_images(item * (2 * dim + s_count + width + 1 + s_count * batch), device, chunk_size, num)
     size = min(size, MAX_UPDATE_COLUMNS)
-    acc = OnlineSoftmaxAverage()
+    acc = _accumulator(weights32)
     ws = Workspace(device)
     for start in range(0, num, size):
         part = images[start : start + size, :, tile.r0 : tile.r1, tile.c0 : tile.c1]
         k = part.shape[0]
-        cand = ws.take("cand", (k, dim + s_count), dtype)
-        cand[:, :dim] = part.reshape(k, dim)
-        cand[:, dim:] = cand[:, :dim].square() @ masks.T  # ‖window s of y_k‖²
+        cand = ws.take("cand", (k, dim), dtype)
+        cand.copy_(part.reshape(k, dim))
+        norms = torch.mm(masks, cand.square().T).mul_(norm_factor)  # [S, K]: ‖window s of y_k‖², scaled
         values = ws.take("values", (k, width + 1), dtype)
-        values[:, :width] = cand[:, :dim] if centres is None else cand[:, centres]
+        values[:, :width] = cand if centres is None else cand[:, centres]
         values[:, width] = 1.0
-        logits = torch.mm(aug, cand.T, out=ws.take("logits", (s_count * batch, k), dtype))
+        logits = torch.mm(queries, cand.T, out=ws.take("logits", (s_count * batch, k), dtype))
+        logits.view(s_count, batch, k).sub_(norms.unsqueeze(1))
         acc.update(logits, values, ones_column=True)
     res = acc.result().view(s_count, batch, width)
     if centres is None:

@@ -95,6 +95,9 @@ class PatchDenoiser(Denoiser):
         self._images64: torch.Tensor | None = None
         self.y_abs_max = float(self.images.abs().max()) if self.images.numel() else 0.0
         self.schedule = patch_schedule(patch_sizes, num_steps)
+        # dtype=float32: a float64 step (low noise) still takes float32 softmax weights (relative
+        # error ≤ 5e-6); dtype=float64 is the exactness oracle, float64 throughout
+        self.weights32 = dtype == torch.float32
         self.last_dtype: torch.dtype | None = None
 
     @classmethod
@@ -258,10 +261,10 @@ class ElsDenoiser(PatchDenoiser):
                 rows = slice(band.r0 + band.centre[0], band.r0 + band.centre[0] + lh)
                 cols = slice(band.c0 + band.centre[1], band.c0 + band.centre[1] + lw)
             q = queries.transpose(1, 2).reshape(-1, queries.shape[1])  # rows (b, position)
-            res = sliding_average(q, images, band, a, scale, self.chunk_size)  # [B·L, C]
+            res = sliding_average(q, images, band, a, scale, self.chunk_size, self.weights32)  # [B·L, C]
             out[:, :, rows, cols] = res.view(batch, lh, lw, channels).permute(0, 3, 1, 2)
         for tile in tiles:
-            res = masked_tile_average(x, images, tile, a, scale, self.chunk_size)  # [S, B, C]
+            res = masked_tile_average(x, images, tile, a, scale, self.chunk_size, self.weights32)  # [S, B, C]
             ii = torch.tensor([c[0] for c in tile.centres], device=x.device)
             jj = torch.tensor([c[1] for c in tile.centres], device=x.device)
             out[:, :, ii, jj] = res.permute(1, 2, 0)
@@ -304,7 +307,7 @@ class PspcDenoiser(PatchDenoiser):
         total = torch.zeros(batch, channels, h, w, dtype=torch.float64, device=x.device)
         count = torch.zeros(h, w, dtype=torch.float64, device=x.device)
         for tile in self.tiles(size):
-            res = masked_tile_average(x, images, tile, a, scale, self.chunk_size)  # [S, B, C·h·w]
+            res = masked_tile_average(x, images, tile, a, scale, self.chunk_size, self.weights32)  # [S, B, C·h·w]
             rect = res.view(len(tile.windows), batch, channels, tile.r1 - tile.r0, tile.c1 - tile.c0)
             for s, (top, bottom, left, right) in enumerate(tile.windows):
                 own = rect[s, :, :, top - tile.r0 : bottom - tile.r0, left - tile.c0 : right - tile.c0]

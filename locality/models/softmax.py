@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 WEIGHT_FLOOR_LOG = 60.0  # log of the smallest relative softmax weight kept apart from it
+LOG2_E = 1.4426950408889634  # log2(e): natural logits times this are base-2 logits
 
 
 class OnlineSoftmaxAverage:
@@ -26,7 +27,15 @@ class OnlineSoftmaxAverage:
     pca_locality). Both overwrite the logits with the weights. ``result()`` is [B, n] float64.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, base2: bool = False, weights_dtype: torch.dtype | None = None) -> None:
+        """``base2``: the logits are in base-2 units (log2 e times the natural ones; fold the
+        factor into the GEMM that makes them): the weights are exp2(l - max), which torch
+        computes ~3x faster than exp on the CPU (0.8 against 2.5 ms for 2.1M float32 values,
+        AVX-512). ``weights_dtype`` (:meth:`update` only): float64 logits become weights in this
+        dtype after the maximum is subtracted in float64 (float32 weights are relatively exact
+        to eps·|l - max| ≤ 5e-6, and float64 exp is ~4x slower than float32 exp2)."""
+        self.base2 = base2
+        self.weights_dtype = weights_dtype
         self.max: torch.Tensor | None = None
         self.norm: torch.Tensor | None = None
         self.acc: torch.Tensor | None = None
@@ -43,9 +52,14 @@ class OnlineSoftmaxAverage:
         if self.max is not None:
             new_max = torch.maximum(self.max, new_max)
         weights = logits.sub_(new_max.to(logits.dtype).unsqueeze(1))
-        weights = weights.clamp_(min=-WEIGHT_FLOOR_LOG).exp_()  # ≤ 1: no overflow; no subnormals
+        if self.weights_dtype is not None and self.weights_dtype != weights.dtype:
+            weights = weights.to(self.weights_dtype)
+        weights = self._exp(weights.clamp_(min=-self._floor()))  # ≤ 1: no overflow; no subnormals
         if ones_column:
-            sums = (weights @ values.to(weights.dtype)).double()  # [B, n]
+            vals = values.to(weights.dtype)
+            # a few value columns: (valuesᵀ @ weightsᵀ)ᵀ, 9x faster than weights @ values for
+            # [517, 4056] @ [4056, 2] (MKL, float32): the wide operand streams once
+            sums = (torch.mm(vals.T, weights.T).T if vals.shape[1] <= 16 else weights @ vals).double()  # [B, n]
             chunk_norm, chunk_acc = sums[:, -1], sums[:, :-1]
         else:
             chunk_norm = weights.sum(dim=1, dtype=torch.float64)  # [B]
@@ -72,6 +86,12 @@ class OnlineSoftmaxAverage:
         self._merge(new_max, sums[..., 1], sums[..., 0])
         self.pixel_major = True
 
+    def _floor(self) -> float:
+        return WEIGHT_FLOOR_LOG * LOG2_E if self.base2 else WEIGHT_FLOOR_LOG
+
+    def _exp(self, shifted: torch.Tensor) -> torch.Tensor:
+        return shifted.exp2_() if self.base2 else shifted.exp_()
+
     def _pairs(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[values, ones] stacked [n, K, 2] in a buffer kept across updates of one shape: a fresh
         multi-MB tensor per chunk costs the CPU a page-faulted allocation every time."""
@@ -88,7 +108,7 @@ class OnlineSoftmaxAverage:
         if self.max is None:
             self.norm, self.acc = chunk_norm, chunk_acc
         else:
-            rescale = torch.exp(self.max - new_max)
+            rescale = torch.exp2(self.max - new_max) if self.base2 else torch.exp(self.max - new_max)
             self.norm = self.norm * rescale + chunk_norm
             rescale = rescale.reshape(rescale.shape + (1,) * (chunk_acc.dim() - rescale.dim()))
             self.acc = self.acc * rescale + chunk_acc
