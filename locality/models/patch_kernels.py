@@ -198,14 +198,20 @@ def masked_tile_average(x: torch.Tensor, images: torch.Tensor, tile: Tile, a: fl
     for start in range(0, num, size):
         part = images[start : start + size, :, tile.r0 : tile.r1, tile.c0 : tile.c1]
         k = part.shape[0]
-        cand = ws.take("cand", (k, dim), dtype)
-        cand.copy_(part.reshape(k, dim))
+        if part[0].is_contiguous():  # full-width rows of one channel, or whole images: a strided view
+            cand = part.reshape(k, dim)  # the GEMMs read it in place (a copy cost as much as they did)
+        else:
+            cand = ws.take("cand", (k, dim), dtype)
+            cand.copy_(part.reshape(k, dim))
         norms = torch.mm(masks, cand.square().T).mul_(norm_factor)  # [S, K]: ‖window s of y_k‖², scaled
-        values = ws.take("values", (k, width + 1), dtype)
-        values[:, :width] = cand if centres is None else cand[:, centres]
-        values[:, width] = 1.0
         logits = torch.mm(queries, cand.T, out=ws.take("logits", (s_count * batch, k), dtype))
         logits.view(s_count, batch, k).sub_(norms.unsqueeze(1))
+        if centres is None:
+            acc.update(logits, cand)
+            continue
+        values = ws.take("values", (k, width + 1), dtype)
+        values[:, :width] = cand[:, centres]
+        values[:, width] = 1.0
         acc.update(logits, values, ones_column=True)
     res = acc.result().view(s_count, batch, width)
     if centres is None:

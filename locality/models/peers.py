@@ -290,7 +290,12 @@ class PspcDenoiser(PatchDenoiser):
                      sorted(set(clipped.values())), h, w)
 
     def tiles(self, p: int) -> list[Tile]:
-        """One anchor row per tile and runs of ~max(8, p) anchors: rectangles p × (run + p - 1)."""
+        """Tiles of one anchor row and runs of max(8, p) anchors: rectangles p × (run + p - 1).
+        The mask wastes (run + p - 1)/p of the products; narrower runs waste less but copy more
+        rectangles per image (measured on Fashion-MNIST, 1 thread: runs of 4 anchors 6.5 s, of 8
+        5.2 s, full rows 5.0-7.2 s, this rule 3.6-5.4 s for 6 000 images; the machine's load
+        varied). From p ≥ W/2 a run spans the full width: one channel's rows are then contiguous
+        in each image and the GEMMs read them in place."""
         h, w = self.images.shape[2:]
         ph, pw = min(p, h), min(p, w)
         run = min(w - pw + 1, max(8, pw))
