@@ -45,7 +45,7 @@ def run_bench(cfg: DictConfig) -> dict:
 
 def versus_kernel(bench: DictConfig, name: str) -> str | None:
     """bench.versus_kernel: null, or a model.dense_kernel choice timed side by side (pca_locality)."""
-    from locality.models.fast_masked import DENSE_KERNELS
+    from locality.models.pca_locality.selection import DENSE_KERNELS
 
     if bench.get("versus_kernel") is None:
         return None

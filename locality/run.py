@@ -75,7 +75,7 @@ def model_params(node: Any, device: torch.device) -> tuple[str, dict[str, Any]]:
         dtype = DTYPES[get_choice(node, "dtype", "model", tuple(DTYPES))]
         params["dtype"] = default_dtype_for(device, dtype)
     if "dense_kernel" in params:
-        from locality.models.fast_masked import DENSE_KERNELS
+        from locality.models.pca_locality.selection import DENSE_KERNELS
 
         get_choice(node, "dense_kernel", "model", DENSE_KERNELS)
     if "chunk_size" in params:
