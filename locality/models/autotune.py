@@ -41,9 +41,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SCREEN_IMAGES = 16
+SCREEN_IMAGES = 4
 GROWTH = 4
-MIN_TIMED_S = 0.02
+MIN_TIMED_S = 0.05
 DROP_FACTOR = 4.0
 DROP_FLOOR_S = 0.005
 REPEATS = 3
@@ -108,6 +108,7 @@ class KernelTuner:
         self.store_path = Path(store_dir) / f"{digest}.json" if store_dir is not None else None
         self._decisions: dict[str, Decision] = {}
         self._loaded = False
+        self._announced: set[str] = set()  # store decisions already logged
         self.probe_seconds_total = 0.0  # time spent measuring by this tuner (for the logs and the bench)
 
     def choose(self, key: str, candidates: Mapping[str, Prepare], total_images: int, total_samples: int) -> Decision:
@@ -120,6 +121,9 @@ class KernelTuner:
         self._load()
         known = self._decisions.get(key)
         if known is not None and known.kernel in candidates:
+            if known.source == "store" and key not in self._announced:
+                self._announced.add(key)
+                log.info("kernel choice %s: %s (from the kernel store %s)", key, known.kernel, self.store_path)
             return known
         decision = self.measure(candidates, total_images, total_samples)
         self._decisions[key] = decision
