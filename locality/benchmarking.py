@@ -1,6 +1,7 @@
-"""The benchmark's measuring core (no Hydra): time statistics fitting and sampling of a
-denoiser, read peak memory, and measure the largest deviation from a float64 brute force of the
-SPEC formulas (loops over timesteps, direct differences, one-chunk softmax) on a subset.
+"""The benchmark's measuring core (no Hydra): time the statistics fit, the mask building and the
+sampling of a denoiser, read peak memory, measure the largest deviation from the float64 oracle
+(:mod:`locality.models.oracle`) on a subset, and with ``kernels`` time every eligible kernel of
+pca_locality side by side (alternating runs over the same noise) in one table.
 
 ``python -m locality.bench`` is its Hydra entry point; ``scripts/gpu_check.py`` calls
 :func:`benchmark` directly on a machine without Hydra.
@@ -14,6 +15,42 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+TABLE_KERNELS = ("float32", "bf16x6", "bf16x3", "int8_onednn", "int8_intmm")  # + float64: model.dtype=float64
+TABLE_PROBE_STEP = 500  # the dense step on which the table's kernels are screened for speed
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to sample and check: the sampler's settings, repeats, the float64 check
+    (``check_samples`` samples along the trajectory, on the first ``check_subset`` images;
+    None: all) and the kernel table (``kernels``: None, ``all`` or names of dense kernels;
+    a kernel measured more than ``max_kernel_slowdown`` times slower than the fastest on one
+    dense step is listed, not run)."""
+
+    num_samples: int = 8
+    num_steps: int = 10
+    batch_size: int = 8
+    seed: int = 0
+    clip_x0: bool = True
+    repeats: int = 3
+    check_subset: int | None = 1000
+    check_samples: int = 2
+    kernels: tuple[str, ...] | str | None = None
+    max_kernel_slowdown: float = 10.0
+
+
+@dataclass
+class Contender:
+    """A model timed in the alternation, with what its runs recorded."""
+
+    label: str
+    model: object
+    params: dict
+    totals: list
+    steps: list
+    step_kernels: dict
+    result: object = None
 
 
 def _vm_hwm_bytes() -> int:
@@ -38,118 +75,35 @@ def _reset_hwm() -> bool:
         return False
 
 
-def brute_force(name: str, x: torch.Tensor, t: int, images: torch.Tensor, stats, params: dict) -> torch.Tensor:
-    """float64 SPEC formula, one chunk, direct differences: x [B, n], images [N, n] -> [B, n]."""
-    from locality.models.base import Denoiser
-    from locality.models.masks import locality_mask
-
-    abar = Denoiser.alpha_bar(t)
-    s = 1.0 / (2.0 * (1.0 - abar) * float(params.get("temperature", 1.0)))
-    y = images.double()
-    x = x.double()
-    mask = None if name == "optimal" else locality_mask(stats, abar, float(params["mask_threshold"]))
-    out = []
-    for b in range(x.shape[0]):
-        sq = (x[b] - abar**0.5 * y).square()  # [N, n]
-        if mask is None:
-            w = torch.softmax(-s * sq.sum(1), 0)
-            out.append(w @ y)
-        else:
-            w = torch.softmax(-s * (sq @ mask), 0)  # [N, n]
-            out.append((w * y).sum(0))
-    return torch.stack(out)
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """What to sample and check: the sampler's settings, repeats, and the float64 check
-    (``check_samples`` samples along the trajectory, on the first ``check_subset`` images;
-    None: all)."""
-
-    num_samples: int = 8
-    num_steps: int = 10
-    batch_size: int = 8
-    seed: int = 0
-    clip_x0: bool = True
-    repeats: int = 3
-    check_subset: int | None = 1000
-    check_samples: int = 2
-    versus_kernel: str | None = None  # a second model.dense_kernel, timed in alternation
-
-
-def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, settings: BenchSettings,
-              needs_statistics: bool) -> dict:
+def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, settings: BenchSettings) -> dict:
     """Time fitting and sampling of model ``name`` (keyword ``params``, ``device`` among them)
-    on ``images`` [N, C, H, W]; returns the report (a JSON-able dict).
-
-    With ``settings.versus_kernel`` a second model with that ``dense_kernel`` samples the same
-    noise after each run of the first (A B A B …), so both medians come from the same minutes of
-    the machine; the report's ``versus`` holds its figures and the ratio of the medians."""
-    from locality.models import build_model
-    from locality.pipeline import sample
-    from locality.statistics import fit_statistics
+    on ``images`` [N, C, H, W]; returns the report (a JSON-able dict)."""
+    from locality.models import build_model, get_model_class
 
     device = torch.device(params["device"])
-    smp = settings
-    check_subset, check_samples = smp.check_subset, smp.check_samples
-    report: dict = {"model": name, "dataset": dataset, "device": str(device),
-                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "params": {k: str(v) for k, v in params.items()},
-                    "num_samples": smp.num_samples, "num_steps": smp.num_steps,
-                    "batch_size": smp.batch_size, "threads": torch.get_num_threads(),
-                    "num_train_images": int(images.shape[0])}
-    shape = tuple(images.shape[1:])
-
+    report = describe(name, params, images, dataset, settings, device)
     stats = None
-    if needs_statistics:
+    if get_model_class(name).needs_statistics:
+        from locality.statistics import fit_statistics
+
         start = time.perf_counter()
         stats = fit_statistics(images, progress=False)
         report["statistics_fit_s"] = time.perf_counter() - start
-
     model = build_model(name, images, stats, **params)
     if hasattr(model, "plan"):  # per-timestep constants (masks), like the statistics: timed apart
-        from locality.schedule import ddim_timesteps
-
-        start = time.perf_counter()
-        for t in ddim_timesteps(smp.num_steps):
-            model.plan(int(t))
-        report["mask_build_s"] = time.perf_counter() - start
-    rival = None
-    if smp.versus_kernel is not None:
-        rival = build_model(name, images, stats, **{**params, "dense_kernel": smp.versus_kernel})
-        rival.share_masks(model)  # the same masks, built once
-    # the reference figure (2.1 GB) is the process peak; report both the process peak and the
-    # growth while sampling (VmHWM reset before sampling where Linux allows it)
+        report["mask_build_s"] = build_masks(model, settings.num_steps)
+    contenders = [Contender(name, model, params, [], [], {})]
+    skipped = {}
+    if settings.kernels is not None:
+        rivals, skipped = kernel_contenders(name, params, images, stats, model, settings)
+        contenders += rivals
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base_rss = _vm_hwm_bytes()
-    hwm_reset = _reset_hwm()
-    rss_before = _vm_hwm_bytes() if hwm_reset else base_rss
-    totals, per_step = [], []
-    result = None
-    kernels: dict[int, str] = {}
-    rival_totals, rival_steps, rival_kernels = [], [], {}
-
-    def run(which, record: dict, trajectory: bool):
-        return sample(which, num_samples=smp.num_samples, image_shape=shape, num_steps=smp.num_steps,
-                      seed=smp.seed, batch_size=smp.batch_size, device=device, clip_x0=smp.clip_x0,
-                      keep_trajectory=trajectory,
-                      on_step=lambda i, t, x_t, x0, part: record.__setitem__(int(t), str(which.last_kernel))
-                      if hasattr(which, "last_kernel") else None)
-
-    for _ in range(smp.repeats):
-        result = run(model, kernels, check_samples > 0)
-        totals.append(result.total_time_s)
-        per_step.append(result.step_times_s)
-        if rival is not None:
-            other = run(rival, rival_kernels, False)
-            rival_totals.append(other.total_time_s)
-            rival_steps.append(other.step_times_s)
-    report["sampling_total_s_median"] = pystats.median(totals)
-    report["sampling_total_s_all"] = totals
-    report["time_per_step_s_median"] = pystats.median(totals) / len(result.timesteps)
-    report["step_times_s_median"] = [pystats.median(col) for col in zip(*per_step)]
-    report["timesteps"] = result.timesteps
+    rss_before = _vm_hwm_bytes() if _reset_hwm() else base_rss
+    sample_alternating(contenders, tuple(images.shape[1:]), settings, device)
+    main = contenders[0]
+    report.update(timing_report(main))
     peak = _vm_hwm_bytes()
     report["peak_rss_process_gib"] = peak / 2**30
     report["peak_rss_growth_sampling_gib"] = (peak - rss_before) / 2**30
@@ -157,29 +111,187 @@ def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, setti
         report["cuda_max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if hasattr(model, "planned_strategies"):
         report["strategies"] = model.planned_strategies()
-    if getattr(model, "last_kernel", None) is not None:  # kernels of the last sampled run, per step
-        report["kernels"] = kernels
-    if rival is not None:
-        report["versus"] = {"dense_kernel": smp.versus_kernel,
-                            "sampling_total_s_median": pystats.median(rival_totals),
-                            "sampling_total_s_all": rival_totals,
-                            "step_times_s_median": [pystats.median(col) for col in zip(*rival_steps)],
-                            "kernels": rival_kernels,
-                            "speedup_of_model": pystats.median(rival_totals) / pystats.median(totals)}
-
-    if check_samples > 0:
-        subset = images[: check_subset or images.shape[0]]
-        sub_stats = fit_statistics(subset, progress=False) if stats is not None else None
-        sub_model = build_model(name, subset, sub_stats, **params)
-        worst, per = 0.0, []
-        for i, t in enumerate(result.timesteps):
-            x = result.x_t[i][:check_samples]
-            got = sub_model(x.to(device), t).double().cpu().reshape(len(x), -1)
-            want = brute_force(name, x.reshape(len(x), -1), t, subset.reshape(len(subset), -1), sub_stats, params)
-            dev = float((got - want).abs().max())
-            per.append(dev)
-            worst = max(worst, dev)
-        report["check_subset"] = int(subset.shape[0])
-        report["max_abs_dev_vs_float64"] = worst
-        report["max_abs_dev_per_step"] = per
+    if hasattr(model, "tuner"):
+        report["kernel_probe_s"] = model.tuner.probe_seconds_total
+    if settings.check_samples > 0:
+        report.update(deviation_report(name, main.params, images, stats, main.result, settings, device))
+    if settings.kernels is not None:
+        report["kernel_table"] = kernel_table(name, images, stats, contenders, skipped, settings, device)
     return report
+
+
+def describe(name: str, params: dict, images: torch.Tensor, dataset: str, settings: BenchSettings,
+             device: torch.device) -> dict:
+    """The report's header: what ran where."""
+    import platform
+
+    from locality.models.autotune import machine_description
+
+    return {"model": name, "dataset": dataset, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "cpu": machine_description(device)["cpu"] or platform.processor(),
+            "params": {k: str(v) for k, v in params.items() if k != "tuner"},
+            "num_samples": settings.num_samples, "num_steps": settings.num_steps,
+            "batch_size": settings.batch_size, "threads": torch.get_num_threads(),
+            "num_train_images": int(images.shape[0])}
+
+
+def build_masks(model, num_steps: int) -> float:
+    """Seconds to build and plan the masks of every timestep."""
+    from locality.schedule import ddim_timesteps
+
+    start = time.perf_counter()
+    for t in ddim_timesteps(num_steps):
+        model.plan(int(t))
+    return time.perf_counter() - start
+
+
+def kernel_contenders(name: str, params: dict, images: torch.Tensor, stats, model,
+                      settings: BenchSettings) -> tuple[list[Contender], dict[str, str]]:
+    """pca_locality models with each eligible dense kernel forced (and ``float64``: model.dtype
+    float64), sharing the first model's masks and tuner; kernels that cannot run here, or run
+    more than ``max_kernel_slowdown`` times slower than the fastest on one dense step, are
+    returned as (name -> why) instead."""
+    from locality.models import build_model
+    from locality.models.pca_locality.selection import step_candidates
+
+    if name != "pca_locality":
+        raise ValueError(f"bench.kernels compares the kernels of pca_locality; model={name} has one kernel "
+                         "choice, measured per step: drop bench.kernels")
+    wanted = TABLE_KERNELS if settings.kernels == "all" else tuple(settings.kernels)
+    unknown = [k for k in wanted if k not in TABLE_KERNELS + ("float64",)]
+    if unknown:
+        raise ValueError(f"bench.kernels: unknown kernel(s) {unknown}; allowed: all, or a list of "
+                         f"{', '.join(TABLE_KERNELS + ('float64',))}")
+    g = torch.Generator().manual_seed(settings.seed)
+    x = torch.randn((settings.batch_size, *images.shape[1:]), generator=g)
+    step = model.step_inputs(x, TABLE_PROBE_STEP)
+    skipped, usable = {}, []
+    for kernel in wanted:
+        if kernel == "float64":
+            usable.append(kernel)
+            continue
+        why = model.kernels[kernel].unavailable(step.plan, forced=False)
+        if why is None and kernel not in step_candidates(model.kernels, step, kernel, False)[1]:
+            why = f"not accurate enough at t = {TABLE_PROBE_STEP}"
+        if why is None:
+            usable.append(kernel)
+        else:
+            skipped[kernel] = why
+    rates = screen_kernels(model, step, usable)
+    best = min(rates.values())
+    contenders = []
+    for kernel in usable:
+        if rates[kernel] > settings.max_kernel_slowdown * best:
+            skipped[kernel] = (f"{rates[kernel] / best:.0f}x slower than the fastest on one dense step "
+                               f"(t = {TABLE_PROBE_STEP}: {rates[kernel]:.1f} ms per 1000 images)")
+            continue
+        forced = {**params, "dtype": torch.float64} if kernel == "float64" else {**params, "dense_kernel": kernel}
+        rival = build_model(name, images, stats, **forced)
+        rival.share_masks(model)
+        contenders.append(Contender(kernel, rival, forced, [], [], {}))
+    return contenders, skipped
+
+
+def screen_kernels(model, step, kernels: list[str]) -> dict[str, float]:
+    """Milliseconds per 1000 images of each kernel on ``step`` (the tuner's staged probe)."""
+    from locality.models.pca_locality.kernel import Precision
+    from locality.models.pca_locality.selection import step_candidates
+
+    def probe(kernel: str):
+        if kernel == "float64":
+            k, precision = model.kernels["float64"], Precision(torch.float64)
+        else:
+            k, precision = model.kernels[kernel], step_candidates(model.kernels, step, kernel, False)[1][kernel]
+
+        def prepare(count: int, samples: int):
+            from dataclasses import replace
+
+            sub = replace(step, x64=step.x64[:samples])
+            side = k.prepare(count, sub, model.chunk_size)
+            return lambda: k.run(side, sub, precision, model.chunk_size)
+
+        return prepare
+
+    if len(kernels) < 2:
+        return {k: 1.0 for k in kernels}
+    decision = model.tuner.measure({k: probe(k) for k in kernels}, model.training.count, step.x64.shape[0])
+    return decision.ms_per_1000_images
+
+
+def sample_alternating(contenders: list[Contender], shape: tuple[int, ...], settings: BenchSettings,
+                       device: torch.device) -> None:
+    """``settings.repeats`` rounds; in each, every contender samples the same noise in turn (A B C
+    A B C …), so their medians come from the same minutes of a machine whose speed drifts."""
+    from locality.pipeline import sample
+
+    for _ in range(settings.repeats):
+        for c in contenders:
+            model = c.model
+
+            def record(i, t, x_t, x0, part, c=c, model=model):
+                if getattr(model, "last_kernel", None) is not None:
+                    c.step_kernels[int(t)] = str(model.last_kernel)
+
+            result = sample(model, num_samples=settings.num_samples, image_shape=shape,
+                            num_steps=settings.num_steps, seed=settings.seed, batch_size=settings.batch_size,
+                            device=device, clip_x0=settings.clip_x0,
+                            keep_trajectory=c is contenders[0] and settings.check_samples > 0, on_step=record)
+            c.totals.append(result.total_time_s)
+            c.steps.append(result.step_times_s)
+            c.result = result if c is contenders[0] else None
+
+
+def timing_report(c: Contender) -> dict:
+    """Medians of a contender's runs: in total, per step, per step index; its kernel per step."""
+    out = {"sampling_total_s_median": pystats.median(c.totals), "sampling_total_s_all": c.totals,
+           "time_per_step_s_median": pystats.median(c.totals) / len(c.steps[0]),
+           "step_times_s_median": [pystats.median(col) for col in zip(*c.steps)]}
+    if c.result is not None:
+        out["timesteps"] = c.result.timesteps
+    if c.step_kernels:
+        out["step_kernels"] = c.step_kernels
+    return out
+
+
+def deviation_report(name: str, params: dict, images: torch.Tensor, stats, result, settings: BenchSettings,
+                     device: torch.device) -> dict:
+    """The model (built on the first ``check_subset`` images) against the float64 oracle on
+    ``check_samples`` samples of the sampled trajectory, at every step."""
+    from locality.models import build_model
+    from locality.models.oracle import model_oracle
+    from locality.statistics import fit_statistics
+
+    subset = images[: settings.check_subset or images.shape[0]]
+    sub_stats = fit_statistics(subset, progress=False) if stats is not None else None
+    sub_model = build_model(name, subset, sub_stats, **params)
+    flat = subset.reshape(len(subset), -1)
+    per = []
+    for i, t in enumerate(result.timesteps):
+        x = result.x_t[i][: settings.check_samples]
+        got = sub_model(x.to(device), t).double().cpu().reshape(len(x), -1)
+        per.append(float((got - model_oracle(name, x.reshape(len(x), -1), t, flat, sub_stats, params)).abs().max()))
+    return {"check_subset": int(subset.shape[0]), "max_abs_dev_vs_float64": max(per), "max_abs_dev_per_step": per}
+
+
+def kernel_table(name: str, images: torch.Tensor, stats, contenders: list[Contender], skipped: dict[str, str],
+                 settings: BenchSettings, device: torch.device) -> list[dict]:
+    """One row per kernel: median total and per-step times, the largest deviation from the oracle
+    (on the check subset, along the default's trajectory), and the steps ``auto`` gave it."""
+    main = contenders[0]
+    rows = []
+    for c in contenders:
+        row = {"kernel": c.label if c is not main else f"{c.label} (default: auto)",
+               "sampling_total_s_median": pystats.median(c.totals),
+               "step_times_s_median": [pystats.median(col) for col in zip(*c.steps)],
+               "step_kernels": c.step_kernels}
+        if c is not main:
+            row["ratio_to_default"] = row["sampling_total_s_median"] / pystats.median(main.totals)
+            row["auto_steps"] = [t for t, k in main.step_kernels.items() if k.split("x")[0] == c.label
+                                 or k == c.label]
+            if settings.check_samples > 0 and main.result is not None:
+                row["max_abs_dev_vs_float64"] = deviation_report(name, c.params, images, stats, main.result,
+                                                                 settings, device)["max_abs_dev_vs_float64"]
+        rows.append(row)
+    rows += [{"kernel": k, "skipped": why} for k, why in skipped.items()]
+    return rows

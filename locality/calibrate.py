@@ -29,12 +29,12 @@ def run_calibration(cfg: DictConfig, out: Path) -> dict:
     from locality.devices import resolve_device
     from locality.models import build_model
     from locality.models.unet import UNetDenoiser
-    from locality.run import load_training_images, model_params
+    from locality.settings import kernel_store_dir, load_training_images, model_params
 
     if cfg.model.name not in ("els", "pspc"):
         raise ConfigError(f"locality.calibrate fits the patch sizes of model=els or model=pspc, got model={cfg.model.name}")
     device = resolve_device(str(cfg.hardware.device))
-    name, params = model_params(cfg.model, device)
+    name, params = model_params(cfg.model, device, kernel_store_dir(cfg))
     node = cfg.calibrate
     images = load_training_images(cfg)
     shape = tuple(images.shape[1:])

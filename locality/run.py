@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,107 +17,36 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from locality.comparison import require_checkpoint
-from locality.config import ConfigError, get_bool, get_choice, get_int, register_resolvers
-from locality.devices import default_dtype_for, resolve_device
+from locality.config import get_int, register_resolvers
+from locality.devices import resolve_device
 from locality.images import save_grid, save_samples
 from locality.jobs import USER_ERRORS, exit_for_user_error, run_tracked_job
+from locality.settings import SamplerSettings, kernel_store_dir, load_training_images, model_params
 from locality.statistics import cached_statistics
 
 register_resolvers()
 log = logging.getLogger("locality.run")
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-NEEDS_STATISTICS = {"wiener", "pca_locality"}
-FLOAT64_ACCUMULATING = {"pca_locality", "optimal"}  # no float64 on MPS
-
-
 class RunFailed(RuntimeError):
     """Raised by the task function after the failure was logged and recorded."""
 
 
-@dataclass(frozen=True)
-class SamplerSettings:
-    num_steps: int
-    num_samples: int
-    batch_size: int
-    seed: int
-    clip_x0: bool
-    save_intermediates: bool
-
-    @classmethod
-    def from_config(cls, node: Any) -> "SamplerSettings":
-        if node.get("name") != "ddim":
-            raise ConfigError(f"sampler.name must be ddim (the only sampler), got {node.get('name')!r}")
-        return cls(
-            num_steps=get_int(node, "num_steps", "sampler", minimum=1),
-            num_samples=get_int(node, "num_samples", "sampler", minimum=1),
-            batch_size=get_int(node, "batch_size", "sampler", minimum=1),
-            seed=get_int(node, "seed", "sampler", minimum=0),
-            clip_x0=get_bool(node, "clip_x0", "sampler"),
-            save_intermediates=get_bool(node, "save_intermediates", "sampler"),
-        )
-
-
-def model_params(node: Any, device: torch.device) -> tuple[str, dict[str, Any]]:
-    """cfg.model -> (name, keyword arguments of the model class); types checked here."""
-    params = OmegaConf.to_container(node, resolve=True)
-    name = params.pop("name")
-    if device.type == "mps" and name in FLOAT64_ACCUMULATING:
-        raise ConfigError(
-            f"model={name} keeps its exact softmax accumulators in float64, which MPS does not "
-            "support yet; run it with hardware=cpu (wiener, nearest_dataset and unet run on MPS)"
-        )
-    if "dtype" in params:
-        dtype = DTYPES[get_choice(node, "dtype", "model", tuple(DTYPES))]
-        params["dtype"] = default_dtype_for(device, dtype)
-    if "dense_kernel" in params:
-        from locality.models.fast_masked import DENSE_KERNELS
-
-        get_choice(node, "dense_kernel", "model", DENSE_KERNELS)
-    if "chunk_size" in params:
-        get_int(node, "chunk_size", "model", minimum=1, optional=True)
-    for key in ("temperature", "mask_threshold"):
-        if key in params and (isinstance(params[key], bool) or not isinstance(params[key], (int, float))):
-            raise ConfigError(f"model.{key} must be a number, got {params[key]!r}")
-    params["device"] = device
-    return name, params
-
-
-def load_training_images(cfg: DictConfig, subset: tuple[Any, str] | None = None) -> torch.Tensor:
-    """cfg.dataset -> images [N, C, H, W] in [-1, 1]; ``subset`` = (node, its name) holding
-    ``subset_size`` when not cfg.dataset (the train app's train.subset_size)."""
-    from locality.data import load_dataset
-
-    ds = cfg.dataset
-    node, prefix = subset or (ds, "dataset")
-    return load_dataset(
-        ds.name,
-        root=ds.root,
-        split=ds.split,
-        resolution=get_int(ds, "resolution", "dataset", minimum=1, optional=True),
-        subset_size=get_int(node, "subset_size", prefix, minimum=1, optional=True),
-        download=get_bool(ds, "download", "dataset"),
-        progress=bool(cfg.progress),
-        # image folders: decoded pixels kept under paths.cache_dir (dataset.cache_decoded)
-        cache_dir=cfg.paths.cache_dir if "cache_decoded" in ds and get_bool(ds, "cache_decoded", "dataset") else None,
-    )
-
-
 def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
     """Load data, fit statistics, build the model, sample, write outputs. Returns the metrics."""
-    from locality.models import build_model
+    from locality.models import build_model, get_model_class
     from locality.pipeline import sample
 
     sampler = SamplerSettings.from_config(cfg.sampler)
     device = resolve_device(str(cfg.hardware.device))
-    if str(cfg.hardware.device) == "auto" and device.type == "mps" and cfg.model.name in FLOAT64_ACCUMULATING:
+    if (str(cfg.hardware.device) == "auto" and device.type == "mps"
+            and get_model_class(str(cfg.model.name)).float64_accumulation):
         log.warning("hardware=auto: model=%s needs float64, which MPS lacks; running on the CPU",
                     cfg.model.name)
         device = torch.device("cpu")
-    name, params = model_params(cfg.model, device)
+    name, params = model_params(cfg.model, device, kernel_store_dir(cfg))
     log.info("model=%s dataset=%s device=%s output=%s", name, cfg.dataset.name, device, out)
 
     metrics: dict[str, float] = {}
@@ -130,7 +58,7 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
              images.shape[0], tuple(images.shape[1:]))
 
     stats = None
-    if name in NEEDS_STATISTICS:
+    if get_model_class(name).needs_statistics:
         start = time.perf_counter()
         stats, hit = cached_statistics(
             images, cfg.paths.cache_dir, cfg.dataset.name, cfg.dataset.split,

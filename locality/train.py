@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from locality.config import ConfigError, get_bool, get_float, get_int, register_resolvers
 from locality.devices import resolve_device
 from locality.jobs import USER_ERRORS, exit_for_user_error, run_tracked_job
-from locality.run import load_training_images
+from locality.settings import load_training_images
 
 register_resolvers()
 log = logging.getLogger("locality.train")

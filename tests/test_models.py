@@ -10,6 +10,7 @@ import torch
 
 from conftest import require_reference
 from locality.models import build_model
+from locality.models.oracle import nearest_oracle, optimal_oracle, pca_locality_oracle, wiener_oracle
 from locality.schedule import alpha_bar, ddim_timesteps
 from locality.statistics import fit_statistics
 
@@ -17,6 +18,8 @@ TIMESTEPS = ddim_timesteps(10).tolist()
 
 
 # ------------------------------------------------------------------ float64 brute force (SPEC)
+# The statistics are computed here independently of locality.statistics (eigh of the sample
+# covariance); the formulas are the shared oracles of locality.models.oracle.
 
 def brute_filter(y: torch.Tensor, abar: float):
     """mean μ [n], L_t [n, n] from S = Σ (y-μ)(y-μ)ᵀ/(N-1) by eigh, all float64."""
@@ -32,30 +35,16 @@ def brute_filter(y: torch.Tensor, abar: float):
 def brute_wiener(x, y, t):
     a = float(alpha_bar(t))
     mu, L = brute_filter(y, a)
-    xf = x.reshape(x.shape[0], -1).double()
-    out = torch.stack([L @ v / math.sqrt(a) + (torch.eye(len(mu), dtype=torch.float64) - L) @ mu for v in xf])
-    return out.reshape(x.shape)
+    return wiener_oracle(x.reshape(x.shape[0], -1), mu, L, a).reshape(x.shape)
 
 
 def brute_optimal(x, y, t, tau=1.0):
-    a = float(alpha_bar(t))
-    yf = y.reshape(y.shape[0], -1).double()
-    outs = []
-    for v in x.reshape(x.shape[0], -1).double():
-        logits = torch.tensor([-((v - math.sqrt(a) * yk) ** 2).sum() / (2 * (1 - a) * tau) for yk in yf],
-                              dtype=torch.float64)
-        w = torch.softmax(logits, 0)
-        outs.append((w[:, None] * yf).sum(0))
-    return torch.stack(outs).reshape(x.shape)
+    out = optimal_oracle(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1), float(alpha_bar(t)), tau)
+    return out.reshape(x.shape)
 
 
 def brute_nearest(x, y):
-    yf = y.reshape(y.shape[0], -1).double()
-    outs = []
-    for v in x.reshape(x.shape[0], -1).double():
-        d = [((v - yk) ** 2).sum().item() for yk in yf]
-        outs.append(yf[d.index(min(d))])
-    return torch.stack(outs).reshape(x.shape)
+    return nearest_oracle(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)).reshape(x.shape)
 
 
 def brute_mask(y, t, threshold):
@@ -69,16 +58,10 @@ def brute_mask(y, t, threshold):
 
 
 def brute_pca(x, y, t, threshold, tau=1.0):
-    a = float(alpha_bar(t))
-    M = brute_mask(y, t, threshold)
-    yf = y.reshape(y.shape[0], -1).double()
-    outs = []
-    for v in x.reshape(x.shape[0], -1).double():
-        sq = (v[None, :] - math.sqrt(a) * yf) ** 2  # [N, n_in]
-        logits = -torch.einsum("kn,nm->km", sq, M) / (2 * (1 - a) * tau)  # [N, n_out]
-        w = torch.softmax(logits, dim=0)
-        outs.append((w * yf).sum(0))
-    return torch.stack(outs).reshape(x.shape)
+    """The oracle with the mask from this file's own statistics (eigh of the sample covariance)."""
+    out = pca_locality_oracle(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1), brute_mask(y, t, threshold),
+                              float(alpha_bar(t)), tau)
+    return out.reshape(x.shape)
 
 
 # ------------------------------------------------------------------ small correlated data

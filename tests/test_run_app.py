@@ -63,14 +63,23 @@ def test_each_model_runs_end_to_end(tmp_path, model):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"grid.png", "metrics.json", "config.yaml", "samples", "run.log"} <= artifacts
     assert str(tmp_path / "outputs" / "mlartifacts") in run.info.artifact_uri  # never the job's cwd
+    if model != "wiener":  # the models that measure their kernels keep the choices under paths.cache_dir
+        (store,) = (tmp_path / "data" / "cache" / "kernels").glob("*.json")
+        decisions = json.loads(store.read_text())["decisions"]
+        assert any(key.startswith(f"{model}|") for key in decisions), decisions
+        if model == "pca_locality":
+            assert "kernel choice pca_locality|" in log_text  # the log names the winner and the rates
 
 
-def test_same_seed_gives_the_same_samples(tmp_path):
+@pytest.mark.parametrize("model", ["wiener", "pca_locality"])
+def test_same_seed_gives_the_same_samples(tmp_path, model):
+    """Also for a model whose kernels are measured: the second run reads the first one's choices."""
     import torch
 
     for sub in ("a", "b"):
-        (tmp_path / sub).mkdir()
-        proc = run_app(["model=wiener", *SMALL, "tracking.enabled=false"], tmp_path / sub)
+        (tmp_path / sub).mkdir(exist_ok=True)
+        proc = run_app([f"model={model}", *SMALL, "tracking.enabled=false", f"paths.data_dir={tmp_path}/data"],
+                       tmp_path / sub)
         assert proc.returncode == 0, proc.stderr[-2000:]
     a = torch.load(single_run_dir(tmp_path / "a") / "samples.pt")
     b = torch.load(single_run_dir(tmp_path / "b") / "samples.pt")
@@ -136,7 +145,7 @@ def test_float64_accumulating_models_refuse_mps_clearly():
     import torch
 
     from locality.config import ConfigError
-    from locality.run import model_params
+    from locality.settings import model_params
     from conftest import compose
 
     cfg = compose(["model=optimal"])

@@ -1,10 +1,10 @@
 """Denoisers by name. Importing this package registers every built-in model."""
 
 from locality.models.base import Denoiser, available_models, get_model_class, register_model
-from locality.models import analytical as _analytical  # noqa: F401  (registers)
-from locality.models import pca_locality as _pca_locality  # noqa: F401  (registers)
-from locality.models.analytical import NearestDatasetDenoiser, OptimalDenoiser, WienerDenoiser
+from locality.models.nearest import NearestDatasetDenoiser
+from locality.models.optimal import OptimalDenoiser
 from locality.models.pca_locality import PcaLocalityDenoiser
+from locality.models.wiener import WienerDenoiser
 from locality.models import unet as _unet  # noqa: F401  (registers "unet")
 from locality.models import peers as _peers  # noqa: F401  (registers "els", "pspc")
 from locality.models.peers import ElsDenoiser, PspcDenoiser

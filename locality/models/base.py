@@ -19,6 +19,9 @@ class Denoiser(ABC):
     """(x_t [B, C, H, W], t) -> x̂0 [B, C, H, W], on the device and dtype of the model."""
 
     name: str = "denoiser"
+    needs_statistics: bool = False  # built from the data's DataStatistics (the apps fit or load them)
+    float64_accumulation: bool = False  # keeps float64 accumulators (so it cannot run on MPS)
+    tunes_kernels: bool = False  # takes a ``tuner`` (locality.models.autotune.KernelTuner) keyword
 
     @abstractmethod
     def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor: ...

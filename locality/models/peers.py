@@ -35,12 +35,12 @@ from locality.models.base import Denoiser, register_model
 from locality.models.patch_kernels import (
     Band, Tile, masked_tile_average, sliding_average, window_logit_error_estimate,
 )
+from locality.models.softmax import LOGIT_TOLERANCE
 from locality.schedule import ddim_timesteps
 
 log = logging.getLogger(__name__)
 
 ELS_VARIANTS = ("borders", "circular", "local")
-LOGIT_TOLERANCE = 2e-4  # float32 where the rounding estimate is below this (as the other models)
 
 
 def patch_schedule(patch_sizes: int | Sequence[int], num_steps: int, key: str = "model.patch_sizes") -> dict[int, int]:
@@ -82,7 +82,7 @@ class PatchDenoiser(Denoiser):
 
     def __init__(self, images: torch.Tensor, patch_sizes: int | Sequence[int], num_steps: int = 10,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
-                 chunk_size: int | None = None, tuner=None) -> None:
+                 chunk_size: int | None = None) -> None:
         if images.dim() != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
         if chunk_size is not None and chunk_size < 1:
@@ -90,7 +90,6 @@ class PatchDenoiser(Denoiser):
         self.device = torch.device(device)
         self.dtype = dtype
         self.chunk_size = chunk_size
-        self.tuner = tuner
         self.images = images.to(self.device, torch.float32 if dtype == torch.float32 else torch.float64)
         self._images64: torch.Tensor | None = None
         self.y_abs_max = float(self.images.abs().max()) if self.images.numel() else 0.0

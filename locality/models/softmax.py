@@ -16,6 +16,9 @@ import torch
 
 WEIGHT_FLOOR_LOG = 60.0  # log of the smallest relative softmax weight kept apart from it
 LOG2_E = 1.4426950408889634  # log2(e): natural logits times this are base-2 logits
+# float32 (or another cheaper form) runs where a rounding estimate of the logits stays below this:
+# an error e in every logit moves a softmax average by at most e·max|y| ≈ e, so outputs stay within 1e-4
+LOGIT_TOLERANCE = 2e-4
 
 
 class OnlineSoftmaxAverage:

@@ -1,63 +1,25 @@
-"""Every path of the fast pca_locality / optimal kernels against an independent float64 brute
-force of the SPEC formula, on small data with masks forced into each regime. No timing asserts."""
+"""pca_locality's float and sparse kernels, bf16x6, the mask plan, the memory-derived chunks and
+the softmax driver, against the float64 oracle of the SPEC formula on small data with masks
+forced into each regime (the 8-bit kernels: test_pca_locality_8bit.py). No timing asserts."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 from locality.models import build_model
-from locality.models.fast_masked import plan_mask
+from locality.models.pca_locality.plan import plan_mask
 from locality.models.masks import locality_mask
 from locality.models.memory import available_memory, chunk_rows, memory_budget
 from locality.schedule import alpha_bar
 from locality.statistics import fit_statistics
+from synthetic import PreferKernel, local_images, noisy, pca_oracle
 
-
-
-def brute_pca(x, t, images, stats, threshold, tau=1.0):
-    """Loops over outputs m: logit_k(m) = -Σ_n M[n,m](x[n] - a y_k[n])² / (2(1-ᾱ)τ), float64."""
-    abar = float(alpha_bar(t))
-    mask = locality_mask(stats, abar, threshold)
-    y = images.reshape(len(images), -1).double()
-    x = x.reshape(len(x), -1).double()
-    out = torch.empty_like(x)
-    for b in range(x.shape[0]):
-        sq = (x[b] - math.sqrt(abar) * y) ** 2  # [N, n]
-        for m in range(x.shape[1]):
-            logit = -(sq * mask[:, m]).sum(1) / (2 * (1 - abar) * tau)
-            out[b, m] = (torch.softmax(logit, 0) * y[:, m]).sum()
-    return out
-
-
-def brute_optimal(x, t, images, tau=1.0):
-    abar = float(alpha_bar(t))
-    y = images.reshape(len(images), -1).double()
-    x = x.reshape(len(x), -1).double()
-    d = ((x.unsqueeze(1) - math.sqrt(abar) * y.unsqueeze(0)) ** 2).sum(-1)
-    return torch.softmax(-d / (2 * (1 - abar) * tau), 1) @ y
-
-
-def _data(seed=0, num=60, side=6):
-    """Smooth-ish synthetic images in [-1, 1] (a local covariance, so masks are local)."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(num, 1, side + 2, side + 2, generator=g)
-    img = (z[..., :-2, :-2] + z[..., 1:-1, 1:-1] + z[..., 2:, 2:]) / 3
-    return img.clamp(-1, 1).float()
-
-
-def _noisy(images, t, count=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    abar = float(alpha_bar(t))
-    x0 = images[:count]
-    return (math.sqrt(abar) * x0 + math.sqrt(1 - abar) * torch.randn(x0.shape, generator=g)).float()
 
 
 @pytest.fixture(scope="module")
 def synth():
-    images = _data()
+    images = local_images()
     return images, fit_statistics(images, progress=False)
 
 
@@ -76,24 +38,32 @@ REGIMES = [(900, 0.005, "dense"), (500, 0.05, "dense"), (0, 0.3, "sparse"), (0, 
 @pytest.mark.parametrize("t,threshold,strategy", REGIMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("chunk", [1, 7, 256, None])
-def test_pca_paths_match_brute_force(synth, t, threshold, strategy, dtype, chunk):
+@pytest.mark.parametrize("path", ["sparse", "float32", "float64"])
+def test_pca_paths_match_brute_force(synth, t, threshold, strategy, dtype, chunk, path):
+    """Each kernel the step allows, run on purpose (PreferKernel), against the oracle."""
     images, stats = synth
+    tuner = PreferKernel(path)
     model = build_model("pca_locality", images, stats, mask_threshold=threshold, dtype=dtype,
-                        chunk_size=chunk)
+                        chunk_size=chunk, tuner=tuner)
     assert model.plan(t).strategy == strategy
-    x = _noisy(images, t)
+    x = noisy(images, t)
     got = model(x, t).double().reshape(len(x), -1)
-    want = brute_pca(x, t, images, stats, threshold)
+    want = pca_oracle(x, t, images, stats, threshold)
     assert (got - want).abs().max() < 1e-4
+    assert ("sparse" in tuner.seen) == (strategy == "sparse")
+    if dtype == torch.float64:
+        assert set(tuner.seen) <= {"float64", "sparse"}  # the oracle dtype allows only float64 kernels
+    if path in tuner.seen:
+        assert model.last_kernel == path
     used, cdt = model.last_strategy
-    assert used == strategy
-    if dtype == torch.float64 or strategy == "sparse":
+    assert used == ("sparse" if model.last_kernel == "sparse" else "dense")
+    if dtype == torch.float64 or used == "sparse":
         assert cdt == torch.float64
 
 
 def test_chunk_size_equal_to_n_and_independence(synth):
     images, stats = synth
-    x = _noisy(images, 300)
+    x = noisy(images, 300)
     outs = [build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float64,
                         chunk_size=c)(x, 300) for c in (1, 7, len(images))]
     for o in outs[1:]:
@@ -104,10 +74,10 @@ def test_low_noise_float32_falls_back_to_float64(synth):
     """t = 0 with a dense mask (θ = 0): the float32 bound fails, the step runs in float64."""
     images, stats = synth
     model = build_model("pca_locality", images, stats, mask_threshold=0.0, dtype=torch.float32)
-    x = _noisy(images, 0)
+    x = noisy(images, 0)
     got = model(x, 0).double().reshape(len(x), -1)
     assert model.last_strategy == ("dense", torch.float64)
-    assert (got - brute_pca(x, 0, images, stats, 0.0)).abs().max() < 1e-4
+    assert (got - pca_oracle(x, 0, images, stats, 0.0)).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("t", [900, 400, 100, 0])
@@ -117,35 +87,9 @@ def test_pca_on_real_fmnist_crop(fmnist_crop, t, dtype):
     for threshold in (0.005, 0.05):
         model = build_model("pca_locality", images, stats, mask_threshold=threshold, dtype=dtype,
                             chunk_size=7)
-        x = _noisy(images, t, count=2)
+        x = noisy(images, t, count=2)
         got = model(x, t).double().reshape(len(x), -1)
-        assert (got - brute_pca(x, t, images, stats, threshold)).abs().max() < 1e-4
-
-
-@pytest.mark.parametrize("t", [900, 300, 0])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("chunk", [1, 7, 256, None])
-def test_optimal_matches_brute_force(synth, t, dtype, chunk):
-    images, _ = synth
-    model = build_model("optimal", images, None, dtype=dtype, chunk_size=chunk)
-    x = _noisy(images, t)
-    got = model(x, t).double().reshape(len(x), -1)
-    tol = 1e-6 if dtype == torch.float64 else 1e-4
-    assert (got - brute_optimal(x, t, images)).abs().max() < tol
-    if t == 0:  # float32 asks for float64 there: screened in float32, exact in float64
-        assert model.last_dtype == ("screened" if dtype == torch.float32 else torch.float64)
-
-
-def test_optimal_screening_falls_back_when_many_images_matter():
-    """Nearly identical images all survive the float32 screen: the step runs in float64."""
-    g = torch.Generator().manual_seed(4)
-    base = torch.rand(1, 1, 4, 4, generator=g) * 2 - 1
-    images = (base + 1e-3 * torch.randn(40, 1, 4, 4, generator=g)).float()
-    model = build_model("optimal", images, None, dtype=torch.float32)
-    x = _noisy(images, 0)
-    got = model(x, 0).double().reshape(len(x), -1)
-    assert model.last_dtype == torch.float64
-    assert (got - brute_optimal(x, 0, images)).abs().max() < 1e-6
+        assert (got - pca_oracle(x, t, images, stats, threshold)).abs().max() < 1e-4
 
 
 def test_plan_sparse_mask_is_the_mask(synth):
@@ -195,24 +139,9 @@ def test_default_float32_matches_float64_on_the_full_fashion_mnist(fmnist_train)
             assert diff < 1e-4, f"{kernel} t={t}: {diff} ({m32.last_kernel})"
 
 
-def test_optimal_float32_matches_float64_on_the_full_fashion_mnist(fmnist_train):
-    """model=optimal with its app default (float32, float64 where the estimate asks for it)."""
-    from locality.pipeline import sample
-
-    m64 = build_model("optimal", fmnist_train, None, dtype=torch.float64)
-    m32 = build_model("optimal", fmnist_train, None, dtype=torch.float32)
-    result = sample(m64, num_samples=4, image_shape=(1, 28, 28), num_steps=10, seed=3, keep_trajectory=True)
-    used = set()
-    for i, t in enumerate(result.timesteps):
-        diff = (m32(result.x_t[i], t) - result.x0_pred[i]).abs().max().item()
-        used.add(m32.last_dtype)
-        assert diff < 1e-4, f"t={t}: {diff} ({m32.last_dtype})"
-    assert used == {torch.float32, "screened"}  # both paths were exercised
-
-
 def test_split_bf16x3_is_exact():
     """hi + mid + lo reproduces every float32 value exactly, across the exponent range."""
-    from locality.models.fast_masked import split_bf16x3
+    from locality.models.pca_locality.bf16 import split_bf16x3
 
     g = torch.Generator().manual_seed(0)
     values = torch.randn(4096, generator=g) * torch.logspace(-30, 30, 4096)
@@ -231,12 +160,12 @@ def test_bf16x6_kernel_matches_brute_force(synth, t, threshold, chunk):
     images, stats = synth
     model = build_model("pca_locality", images, stats, mask_threshold=threshold, dtype=torch.float32,
                         chunk_size=chunk, dense_kernel="bf16x6")
-    x = _noisy(images, t)
+    x = noisy(images, t)
     got = model(x, t).double().reshape(len(x), -1)
     assert model.last_kernel in ("bf16x6", "float64")
     if t >= 500:
         assert model.last_kernel == "bf16x6"
-    assert (got - brute_pca(x, t, images, stats, threshold)).abs().max() < 1e-4
+    assert (got - pca_oracle(x, t, images, stats, threshold)).abs().max() < 1e-4
 
 
 def test_bf16x6_kernel_on_real_fmnist_crop(fmnist_crop):
@@ -244,9 +173,9 @@ def test_bf16x6_kernel_on_real_fmnist_crop(fmnist_crop):
     for t in (900, 400, 100):
         model = build_model("pca_locality", images, stats, mask_threshold=0.005, dtype=torch.float32,
                             chunk_size=7, dense_kernel="bf16x6")
-        x = _noisy(images, t, count=2)
+        x = noisy(images, t, count=2)
         got = model(x, t).double().reshape(len(x), -1)
-        assert (got - brute_pca(x, t, images, stats, 0.005)).abs().max() < 1e-4
+        assert (got - pca_oracle(x, t, images, stats, 0.005)).abs().max() < 1e-4
 
 
 def test_bf16x6_needs_a_binary_mask_and_valid_names(synth):
@@ -254,22 +183,23 @@ def test_bf16x6_needs_a_binary_mask_and_valid_names(synth):
     model = build_model("pca_locality", images, stats, mask_threshold=0.0, dtype=torch.float32,
                         dense_kernel="bf16x6")
     with pytest.raises(ValueError, match="bf16x6 needs a binary mask"):
-        model(_noisy(images, 900), 900)
+        model(noisy(images, 900), 900)
     auto = build_model("pca_locality", images, stats, mask_threshold=0.0, dtype=torch.float32)
-    auto(_noisy(images, 900), 900)
+    auto(noisy(images, 900), 900)
     assert auto.last_kernel == "float32"  # CPU, not 8-bit data: auto is the float32 GEMM
-    with pytest.raises(ValueError, match="dense_kernel must be one of auto, float32, bf16x6, bf16x3, int8"):
+    with pytest.raises(ValueError, match="dense_kernel must be one of auto, float32, bf16x6, bf16x3, int8, "
+                                         "int8_onednn, int8_intmm"):
         build_model("pca_locality", images, stats, dense_kernel="tf32")
 
 
 def test_bf16x6_sample_groups(synth, monkeypatch):
     """Samples split into groups when the split weights exceed the memory budget: same result."""
-    import locality.models.fast_masked as fast_masked
+    import locality.models.pca_locality.bf16 as bf16
 
     images, stats = synth
-    x = _noisy(images, 700, count=5)
-    want = brute_pca(x, 700, images, stats, 0.02)
-    monkeypatch.setattr(fast_masked, "memory_budget", lambda device: 48 * 36 * 36 * 2)  # 2 samples a group
+    x = noisy(images, 700, count=5)
+    want = pca_oracle(x, 700, images, stats, 0.02)
+    monkeypatch.setattr(bf16, "memory_budget", lambda device: 48 * 36 * 36 * 2)  # 2 samples a group
     model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32,
                         dense_kernel="bf16x6", chunk_size=11)
     got = model(x, 700).double().reshape(len(x), -1)
@@ -279,7 +209,7 @@ def test_bf16x6_sample_groups(synth, monkeypatch):
 
 def test_bf16x6_memory_rule():
     """auto takes bf16x6 only where the split images and one sample's weights fit half the free memory."""
-    from locality.models.fast_masked import bf16x6_fits
+    from locality.models.pca_locality.bf16 import bf16x6_fits
 
     assert bf16x6_fits(784, 60000, 80 << 30)  # Fashion-MNIST on an 80 GB card: 1.0 GB + 16 MB
     assert bf16x6_fits(12288, 30000, 70 << 30)  # CelebA 64 px: 8.1 GB + 3.9 GB

@@ -1,5 +1,6 @@
-"""Dense kernels of pca_locality for 8-bit image data: ``int8`` (exact integer sums) and
-``bf16x3`` (exact bfloat16 products on tensor cores).
+"""The int8 kernels of pca_locality for 8-bit image data: exact integer sums through oneDNN's
+quantized linear (``int8_onednn``, x86 CPUs) or ``torch._int_mm`` (``int8_intmm``, any CPU and
+CUDA's integer tensor cores).
 
 Every image dataset here stores 8-bit pixels q ∈ 0..255 as y = (2q - 255)/255 (SPEC), so with
 D = q - 128 (int8) and c = 1/255, y = c + (2/255)·D exactly. With x'' = x - a·c (a = sqrt(ᾱ),
@@ -11,39 +12,36 @@ s = 1/(2(1-ᾱ)τ)) the masked logit of SPEC step 3 expands to
 (the x''² term and the offset 8192 do not depend on k: they cancel in the softmax). The
 samples are written in fixed point, x'' ≈ δ·X with X an integer of p balanced base-256
 digits X = Σ_j 256^j X_j (X_j int8), and D² - 8192 = 128·H + L with H, L int8. With a binary
-mask every product is then an int8 GEMM with exact int32 sums: on the CPU oneDNN's quantized
-linear (AMX/VNNI; its float32 output is exact while n·128² < 2^24, i.e. n ≤ 1024), on CUDA
-``torch._int_mm`` (integer tensor cores). The only errors left are the fixed-point rounding of
-x'' (at most δ/2 a value) and the final float combination; :func:`int8_error_estimate`
-estimates both, and the model picks the fewest digits p (and float32 or float64 for the combination)
-that keep the logits within ``LOGIT_TOLERANCE``. With 4-5 digits and a float64 combination the
-kernel reaches float64 accuracy, so on CUDA it also serves the low-noise steps.
+mask every product is then an int8 GEMM with exact int32 sums (oneDNN's float32 output is exact
+while n·128² < 2^24, i.e. n ≤ 1024). The only errors left are the fixed-point rounding of x''
+(at most δ/2 a value) and the final float combination; :func:`int8_error_estimate` estimates
+both, and the kernel takes the fewest digits p that keep the logits within
+``LOGIT_TOLERANCE`` in the combination dtype asked for. With 4-5 digits and a float64
+combination it reaches float64 accuracy, so it can also serve the low-noise steps.
 
-``bf16x3`` (CUDA): centred on the per-pixel rounded mean code u, the codes D' = q - u lie in
-[-255, 255] and are exact in bfloat16 (8 significant bits), as are D'² split into two parts.
-With x' = x - a·c' (c' = (2u - 255)/255) and the weights W = κ·M ⊙ x' (κ = s·2a·(2/255))
-split exactly into three bfloat16 parts (:func:`~locality.models.fast_masked.split_bf16x3`),
-every product is exact and the cross term is ONE tensor-core GEMM [D' D' D'] @ [W0; W1; W2]
-with float32 accumulation: half the reduction of bf16x6, whose float image parts need six
-products. Its rounding is that of the float32 accumulation, estimated like bf16x6's.
+The two backends are separate kernels because their speed differs by orders of magnitude from
+one machine to another (oneDNN's quantized linear ran at ~1 TOPS on a Xeon with AMX and at
+0.24 GOPS on an EPYC Zen 4): which one runs is measured (:mod:`.selection`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import statistics
+import time
 
 import torch
 
-from locality.models.fast_masked import MaskPlan, matmul_bf16_to_float32, split_bf16x3
 from locality.models.memory import Workspace, chunk_rows, memory_budget
+from locality.models.pca_locality.kernel import Kernel, Precision, Step
+from locality.models.pca_locality.plan import MaskPlan
+from locality.models.pca_locality.selection import (
+    INT8_CPU_CHUNK_CAP_BYTES, LOGIT_TOLERANCE, MAX_DIGITS, ONEDNN_MAX_VALUES, int8_sums_exact,
+)
 from locality.models.softmax import softmax_average_in_groups
 
-ONEDNN_MAX_VALUES = 1024  # n·128·128 < 2^24: oneDNN's float32 output of an int32 sum is exact
-MAX_DIGITS = 5
-# CPU: logits per chunk for the int8 kernel. One dense step of full Fashion-MNIST, 8 samples,
-# alternated 8 times here: 320 images a chunk (8 MB of logits) 1.18 s, 160 1.42 s, 850 (the
-# 24 MB general cap) 1.81 s: oneDNN writes the logits once per digit, so they must stay cached
-INT8_CPU_CHUNK_CAP_BYTES = 8 << 20
+log = logging.getLogger("locality.models.pca_locality")
 QUAD_OFFSET = 8192  # D² - 8192 ∈ [-8192, 8192] splits into two int8 digits in base 128
 Y_ABS_MAX = 2 / 255 * 128  # |y - c| ≤ this for every 8-bit value
 
@@ -110,13 +108,15 @@ def int8_error_estimate(digits: int, dtype: torch.dtype, a: float, scale: float,
 
 
 class Int8Images:
-    """The image side of the int8 kernel, built once per model: codes D [N, n_pad] int8, the
-    quadratic digits H, L, and per chunk size the weights in the backend's form (oneDNN:
-    prepacked; CUDA: column-major views). n_pad rounds n up to a multiple of 8 for cuBLAS."""
+    """The image side of an int8 kernel: codes D [N, n_pad] int8, the quadratic digits H, L,
+    and per chunk size the weights in the backend's form (oneDNN: prepacked; int_mm: [n_pad, K]
+    as ``layout`` says, row-major copies or column-major views). n_pad rounds n up to a
+    multiple of 8 for cuBLAS."""
 
-    def __init__(self, codes: torch.Tensor, backend: str) -> None:
+    def __init__(self, codes: torch.Tensor, backend: str, layout: str = "view") -> None:
         n = codes.shape[1]
         self.backend = backend
+        self.layout = layout
         pad = (-n) % 8 if backend == "int_mm" else 0
         self.codes = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
         self.high, self.low = quad_digits(self.codes)
@@ -134,9 +134,45 @@ class Int8Images:
                 parts = (self.codes[start:stop], self.high[start:stop], self.low[start:stop])
                 if self.backend == "onednn":
                     parts = tuple(torch.ops.onednn.qlinear_prepack(p.contiguous(), None) for p in parts)
+                else:
+                    parts = tuple(int_mm_operand(p, self.layout) for p in parts)
                 out.append((start, stop, *parts))
             self._chunks = {size: out}  # one chunking at a time: prepacked weights are big
         return self._chunks[size]
+
+
+def int_mm_operand(weights: torch.Tensor, layout: str) -> torch.Tensor:
+    """weights [K, n] as the second operand [n, K] of ``torch._int_mm``: ``view`` (column-major,
+    cuBLAS's "T" layout) or ``copy`` (row-major), K padded to a multiple of 8."""
+    pad_k = (-weights.shape[0]) % 8
+    if pad_k:
+        weights = torch.nn.functional.pad(weights, (0, 0, 0, pad_k))
+    return weights.T if layout == "view" else weights.T.contiguous()
+
+
+def fastest_int_mm_layout(codes: torch.Tensor, repeats: int = 3) -> str:
+    """The operand layout of ``torch._int_mm`` that runs faster here, timed on a product of
+    the real width (1 024 rows, 256 images; a layout the build refuses is never taken)."""
+    weights = codes[:256]
+    act = codes[: min(1024, len(codes))].repeat(max(1, 1024 // max(len(codes), 1)), 1)[:1024]
+    times = {}
+    for layout in ("view", "copy"):
+        operand = int_mm_operand(weights, layout)
+        try:
+            _int_mm(act, operand)
+        except RuntimeError:
+            continue
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            _int_mm(act, operand)
+            if codes.device.type == "cuda":
+                torch.cuda.synchronize(codes.device)
+            samples.append(time.perf_counter() - start)
+        times[layout] = statistics.median(samples)
+    if not times:
+        raise RuntimeError("torch._int_mm accepts neither operand layout here")
+    return min(times, key=times.get)
 
 
 def _onednn_mm(act: torch.Tensor, packed: torch.Tensor, count: int, scale: float,
@@ -152,41 +188,15 @@ def _onednn_mm(act: torch.Tensor, packed: torch.Tensor, count: int, scale: float
                                                      torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
 
 
-def _int_mm(act: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """act [R, n] @ weights[K, n]ᵀ -> int32 [R, K], exact. cuBLAS wants more than 16 rows and
-    a column count divisible by 8 (n is padded once by :class:`Int8Images`): pad, multiply,
-    slice. The CPU runs the same padding, so CPU tests cover it."""
-    rows, count = act.shape[0], weights.shape[0]
-    pad_r = max(0, 17 - rows)
-    pad_k = (-count) % 8
-    if pad_r:
-        act = torch.nn.functional.pad(act, (0, 0, 0, pad_r))
-    if pad_k:
-        weights = torch.nn.functional.pad(weights, (0, 0, 0, pad_k))
-    try:
-        out = torch._int_mm(act, weights.T)  # weights.T: a column-major view, cuBLAS's "T" layout
-    except RuntimeError:  # a build that wants a row-major second operand
-        out = torch._int_mm(act, weights.T.contiguous())
-    return out[:rows, :count] if (pad_r or pad_k) else out
-
-
-def int8_sums_exact(backend: str, device: torch.device | str) -> bool:
-    """Whether ``backend``'s int8 products sum exactly on this machine: a probe with the
-    operands that break CPUs without VNNI (their u8·s8 instructions add pairs of products in
-    saturating int16: 255·127·2 > 32 767), rows of all 127, all -128 and alternating signs,
-    against the int64 products. Integer tensor cores and VNNI/AMX units pass."""
-    n = 64
-    even = torch.arange(n) % 2 == 0
-    rows = torch.stack([torch.full((n,), 127), torch.full((n,), -128), torch.where(even, 127, -128),
-                        torch.where(even, -128, 127)]).to(torch.int8)
-    act, weights = rows.repeat(5, 1), rows.repeat(2, 1)  # 20 rows (int_mm wants > 16), 8 images
-    exact = act.long() @ weights.long().T  # |sum| ≤ 64·128² = 2^20: exact in float32 as well
-    if backend == "onednn":
-        packed = torch.ops.onednn.qlinear_prepack(weights.contiguous(), None)
-        got = _onednn_mm(act, packed, weights.shape[0], 1.0, None).double()
-        return torch.equal(got, exact.double())
-    got = _int_mm(act.to(device), weights.to(device)).cpu()
-    return torch.equal(got.long(), exact)
+def _int_mm(act: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
+    """act [R, n] @ operand [n, K'] -> int32 [R, K'], exact (operand from
+    :func:`int_mm_operand`, K' a multiple of 8). cuBLAS wants more than 16 rows: fewer are
+    padded and sliced off. The CPU runs the same padding, so CPU tests cover it."""
+    rows = act.shape[0]
+    if rows < 17:
+        act = torch.nn.functional.pad(act, (0, 0, 0, 17 - rows))
+    out = torch._int_mm(act, operand)
+    return out[:rows] if rows < 17 else out
 
 
 def int8_logits(act_digits: torch.Tensor, mask_codes: torch.Tensor, chunk: tuple, backend: str,
@@ -198,7 +208,7 @@ def int8_logits(act_digits: torch.Tensor, mask_codes: torch.Tensor, chunk: tuple
     ``mask_codes`` Mᵀ [n_out, n] int8 (cross_scale = s·2a·(2/255)·δ, quad_scale = s·a²·(2/255)²).
     oneDNN/float32 writes into the ``workspace``'s buffers when given (valid until the next call)."""
     start, stop, codes, high, low = chunk
-    count = stop - start
+    count = stop - start  # int_mm operands may carry up to 7 padded images: sliced off below
     digits = act_digits.shape[0]
     n_out = mask_codes.shape[0]
     if backend == "onednn" and dtype == torch.float32:
@@ -219,7 +229,7 @@ def int8_logits(act_digits: torch.Tensor, mask_codes: torch.Tensor, chunk: tuple
     if backend == "onednn":  # float64: every digit's float32 output is an exact integer
         mm = lambda act, w: _onednn_mm(act, w, count, 1.0, None)  # noqa: E731
     else:
-        mm = _int_mm
+        mm = lambda act, w: _int_mm(act, w)[:, :count]  # noqa: E731
     quad = mm(mask_codes, high).to(dtype).mul_(128.0).add_(mm(mask_codes, low))  # [n_out, K]
     # one pass per digit: converts the int32 sums, scales them and adds them up
     logits = torch.add(quad.mul_(-quad_scale).unsqueeze(1), mm(act_digits[-1], codes).view(n_out, batch, count),
@@ -229,64 +239,9 @@ def int8_logits(act_digits: torch.Tensor, mask_codes: torch.Tensor, chunk: tuple
     return logits
 
 
-class Bf16CodeImages:
-    """The image side of the bf16x3 kernel, built once per model from the codes D = q - 128:
-    ``stacked`` [D' D' D'] [N, 3n] and ``squares`` [E0 E1] [N, 2n] bfloat16 (D' = q - u,
-    E = D'² = E0 + E1, all exact), ``offset`` c' [n] float64 and ``y_abs_max`` = max |y - c'|."""
-
-    def __init__(self, codes: torch.Tensor, rows: int = 8192) -> None:
-        num, n = codes.shape
-        device = codes.device
-        centre = torch.zeros(n, dtype=torch.float64, device=device)
-        for start in range(0, num, rows):
-            centre += codes[start : start + rows].double().sum(0)
-        centre = (centre / max(num, 1) + 128).round().clamp(0, 255)  # u: the rounded mean code
-        self.offset = (2 * centre - 255) / 255  # c'
-        self.stacked = torch.empty(num, 3 * n, dtype=torch.bfloat16, device=device)
-        self.squares = torch.empty(num, 2 * n, dtype=torch.bfloat16, device=device)
-        shift = (centre - 128).to(torch.int32)
-        top = 0
-        for start in range(0, num, rows):
-            d = codes[start : start + rows].to(torch.int32) - shift  # D' ∈ [-255, 255]: exact
-            top = max(top, int(d.abs().max()))
-            self.stacked[start : start + rows] = d.to(torch.bfloat16).repeat(1, 3)
-            e = d.square_()  # ≤ 65 025 < 2^16: E0 keeps 8 bits, the rest (|E1| ≤ 128) is exact too
-            e0 = e.to(torch.bfloat16)
-            self.squares[start : start + rows, :n] = e0
-            self.squares[start : start + rows, n:] = (e - e0.to(torch.int32)).to(torch.bfloat16)
-        self.y_abs_max = 2 / 255 * top
-
-
-def bf16x3_fits(n: int, num_images: int, free_bytes: int) -> bool:
-    """Whether ``auto`` may choose bf16x3: its images (10 bytes a value) and one sample's
-    weights (about 22·n² bytes: float32 weights, three parts) take at most half the free memory."""
-    return 10 * num_images * n + 22 * n * n <= free_bytes // 2
-
-
-def bf16x3_weights(x_c: torch.Tensor, mask_t: torch.Tensor, kappa: float) -> torch.Tensor:
-    """[W0; W1; W2] [3n, n_out·B] bfloat16 with W[n, (m, b)] = κ·M[n, m]·x'[b, n], for x'
-    ``x_c`` [B, n] float64 and Mᵀ ``mask_t`` [n_out, n_in] float32 (κ·x' is rounded to float32
-    once; the split is exact)."""
-    scaled = (kappa * x_c).float()
-    weights = mask_t.T.unsqueeze(2) * scaled.T.unsqueeze(1)  # [n_in, n_out, B]
-    parts = split_bf16x3(weights.view(weights.shape[0], -1))
-    del weights
-    return parts.reshape(-1, parts.shape[-1])
-
-
-def bf16x3_logits(stacked: torch.Tensor, squares: torch.Tensor, weights3: torch.Tensor,
-                  mask2_t: torch.Tensor, batch: int, gamma: float) -> torch.Tensor:
-    """Logits [n_out, B, K] float32 for one chunk of K images (rows of :class:`Bf16CodeImages`):
-    [D' D' D'] @ [W0; W1; W2] - γ·[Mᵀ Mᵀ] @ [E0 E1]ᵀ, γ = s·a²·(2/255)²."""
-    k = stacked.shape[0]
-    logits = matmul_bf16_to_float32(weights3.T, stacked.T).view(-1, batch, k)
-    quad = matmul_bf16_to_float32(mask2_t, squares.T)  # [n_out, K]
-    return logits.sub_(quad.mul_(gamma).unsqueeze(1))
-
-
 def int8_step(images8: Int8Images, values: torch.Tensor, mask_codes: torch.Tensor, x64: torch.Tensor,
               a: float, scale: float, digits: int, dtype: torch.dtype, chunk_size: int | None) -> torch.Tensor:
-    """One dense step with the int8 kernel: x64 [B, n] float64, ``values`` the images [N, n]
+    """One dense step with an int8 kernel: x64 [B, n] float64, ``values`` the images [N, n]
     (their stored values are averaged), ``mask_codes`` Mᵀ [n_out, n_in] int8; x'' in ``digits``
     digits, exact integer sums, combined in ``dtype``. Returns x̂0 [B, n] float64."""
     n = x64.shape[1]
@@ -320,28 +275,65 @@ def int8_step(images8: Int8Images, values: torch.Tensor, mask_codes: torch.Tenso
     return softmax_average_in_groups(x64, group, chunks_of)
 
 
-def bf16x3_step(codes: Bf16CodeImages, values: torch.Tensor, plan: MaskPlan, x64: torch.Tensor, a: float,
-                scale: float, chunk_size: int | None) -> torch.Tensor:
-    """One float32-accurate dense step with the bf16x3 kernel (:func:`bf16x3_logits`): x64
-    [B, n] float64, ``values`` the images [N, n]. Samples run in groups whose weights fit the
-    memory budget. Returns x̂0 [B, n] float64."""
-    n = x64.shape[1]
-    device = x64.device
-    x_c = x64 - a * codes.offset  # x' [B, n]
-    kappa, gamma = scale * 2 * a * 2 / 255, scale * a * a * 4 / 255**2
-    mask_t = plan.dense_mask(torch.float32)
-    mask2_t = plan.mask_bf16(2)  # [Mᵀ Mᵀ], for the squares' two parts
-    # 28 bytes per mask entry and sample: float32 weights (4), their split (6) and remainder, headroom
-    group = max(1, memory_budget(device) // (28 * n * n))
+class Int8Kernel(Kernel):
+    """``int8_onednn`` or ``int8_intmm``: :func:`int8_step` through one backend. Available for
+    8-bit images and binary masks where the backend runs here and a probe
+    (:func:`~.selection.int8_sums_exact`, once per model) finds its integer sums exact."""
 
-    def chunks_of(xs: torch.Tensor):
-        batch = xs.shape[0]
-        weights3 = bf16x3_weights(xs, mask_t, kappa)
-        # bytes per image: logits [n, B] and the squares' product [n] float32
-        size = chunk_rows(4 * (batch + 1) * n, device, chunk_size, total=values.shape[0])
-        for start in range(0, values.shape[0], size):
-            part = slice(start, start + size)
-            logits = bf16x3_logits(codes.stacked[part], codes.squares[part], weights3, mask2_t, batch, gamma)
-            yield logits, values[part].T.float()
+    def __init__(self, images, backend: str) -> None:
+        super().__init__(images)
+        self.backend = backend
+        self.name = "int8_onednn" if backend == "onednn" else "int8_intmm"
+        self._exact: bool | None = None
+        self._layout: str | None = None
 
-    return softmax_average_in_groups(x_c, group, chunks_of)
+    def unavailable(self, plan: MaskPlan, forced: bool) -> str | None:
+        device = self.images.device
+        if self.backend == "onednn":
+            if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+                return f"oneDNN runs on the CPU only, with torch's mkldnn build (here: {device})"
+            if not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+                return "this torch build has no oneDNN quantized linear"
+            if self.images.values.shape[1] > ONEDNN_MAX_VALUES:
+                return f"more than {ONEDNN_MAX_VALUES} values per image (its float32 sums would round)"
+        if self.images.codes() is None:
+            return "needs 8-bit images (values (2q - 255)/255 for q in 0..255)"
+        if not plan.binary:
+            return "needs a binary mask: set model.mask_threshold > 0"
+        if self._exact is None:
+            self._exact = int8_sums_exact(self.backend, device)
+            if not self._exact:
+                log.warning("pca_locality: the int8 products of the %s backend are not exact on %s (no VNNI?): "
+                            "%s is not used", self.backend, device, self.name)
+        if not self._exact:
+            return (f"the int8 products of the {self.backend} backend are not exact on {device} (a probe with "
+                    "extreme operands came out wrong, as on CPUs without VNNI, which add u8·s8 pairs in "
+                    "saturating int16)")
+        return None
+
+    def precision(self, step: Step, dtypes: tuple[torch.dtype, ...]) -> Precision | None:
+        plan = step.plan
+        xq = step.x64 - step.a / 255.0  # x'' = x - a·c, c = 1/255
+        x_abs_max = float(xq.abs().max())
+        colsum_x = plan.max_weighted_column_sum(xq.abs())
+        for dtype in dtypes:
+            for digits in range(1, MAX_DIGITS + 1):
+                estimate = int8_error_estimate(digits, dtype, step.a, step.scale, x_abs_max, colsum_x,
+                                               plan.max_column_nnz)
+                if estimate <= LOGIT_TOLERANCE:
+                    return Precision(dtype, digits)
+        return None
+
+    def build(self, count: int) -> Int8Images:
+        codes = self.images.codes()
+        if self.backend == "int_mm" and self._layout is None:
+            self._layout = fastest_int_mm_layout(codes)
+        return Int8Images(codes[:count], self.backend, self._layout or "view")
+
+    def run(self, side: Int8Images, step: Step, precision: Precision, chunk_size: int | None) -> torch.Tensor:
+        count = side.codes.shape[0]
+        return int8_step(side, self.images.values[:count], step.plan.dense_mask(torch.int8), step.x64, step.a,
+                         step.scale, precision.digits, precision.dtype, chunk_size)
+
+    def label(self, precision: Precision) -> str:
+        return f"{self.name}x{precision.digits}"

@@ -1,6 +1,7 @@
-"""The int8 kernel of pca_locality (locality.models.eight_bit.py): its exact integer pieces,
-its error bound, both backends (oneDNN and torch._int_mm, with cuBLAS's padding) against a
-float64 brute force of the SPEC formula, and its clear refusals. No timing asserts."""
+"""pca_locality's kernels for 8-bit images (locality.models.pca_locality.int8 and .bf16): the
+int8 kernels' exact integer pieces, their error estimate, both backends (oneDNN and
+torch._int_mm, with cuBLAS's padding) and bf16x3 against the float64 oracle of the SPEC
+formula, the exactness probe, and their clear refusals. No timing asserts."""
 
 from __future__ import annotations
 
@@ -10,37 +11,30 @@ import pytest
 import torch
 
 from locality.models import build_model
-from locality.models.fast_masked import LOGIT_TOLERANCE
-from locality.models.eight_bit import (
-    MAX_DIGITS, Bf16CodeImages, digit_max, eight_bit_codes, int8_error_estimate, quad_digits, to_digits,
-)
+from locality.models.pca_locality.bf16 import Bf16CodeImages
+from locality.models.pca_locality.int8 import digit_max, eight_bit_codes, int8_error_estimate, quad_digits, to_digits
+from locality.models.pca_locality.kernel import Precision
+from locality.models.pca_locality.selection import LOGIT_TOLERANCE, MAX_DIGITS
 from locality.schedule import alpha_bar
 from locality.statistics import fit_statistics
-from test_fast_paths import _data, _noisy, brute_pca
+from synthetic import PreferKernel, eight_bit, local_images, noisy, pca_oracle
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
-BACKENDS = ["int_mm", pytest.param("onednn", marks=pytest.mark.skipif(
+BACKENDS = ["int8_intmm", pytest.param("int8_onednn", marks=pytest.mark.skipif(
     not ONEDNN, reason="this torch build has no oneDNN quantized linear (x86 builds have it)"))]
 
 
-def _eight_bit(images: torch.Tensor) -> torch.Tensor:
-    """Real-format values: uint8 pixels v -> (v/255 - 0.5)/0.5 in float32, like the loaders."""
-    q = torch.round((images.clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
-    return (q.float() / 255 - 0.5) / 0.5
-
-
-def _int8(model, plan, x64, a, scale, digits, dtype):
-    """The model's int8 step with forced digits and dtype."""
-    from locality.models.eight_bit import Int8Images, int8_step
-
-    images8 = Int8Images(model.eight_bit_codes(), model.int8_backend())
-    return int8_step(images8, model.images, plan.dense_mask(torch.int8), x64, a, scale, digits, dtype,
-                     model.chunk_size)
+def _int8(model, kernel, x, t, digits, dtype):
+    """The model's int8 kernel ``kernel`` on x_t at t with forced digits and dtype."""
+    int8 = model.kernels[kernel]
+    step = model.step_inputs(x, t)
+    side = int8.prepare(int8.images.count, step, model.chunk_size)
+    return int8.run(side, step, Precision(dtype, digits), model.chunk_size)
 
 
 @pytest.fixture(scope="module")
 def synth8():
-    images = _eight_bit(_data(num=50, side=5))  # n = 25: not a multiple of 8 (the padding path)
+    images = eight_bit(local_images(num=50, side=5))  # n = 25: not a multiple of 8 (the padding path)
     return images, fit_statistics(images, progress=False)
 
 
@@ -76,7 +70,7 @@ def test_eight_bit_codes_detect_the_loader_format(fmnist_train):
     assert codes is not None
     back = (2 * (codes.double() + 128) - 255) / 255
     assert (back - fmnist_train[:500].reshape(500, -1).double()).abs().max() < 1e-6
-    assert eight_bit_codes(_data().reshape(60, -1)) is None  # continuous values
+    assert eight_bit_codes(local_images().reshape(60, -1)) is None  # continuous values
     off = fmnist_train[:10].reshape(10, -1).clone()
     off[3, 7] += 1e-4  # one value off the 8-bit grid
     assert eight_bit_codes(off) is None
@@ -89,18 +83,15 @@ def test_eight_bit_codes_detect_the_loader_format(fmnist_train):
 def test_int8_kernel_matches_brute_force(synth8, backend, t, threshold, chunk, count):
     images, stats = synth8
     model = build_model("pca_locality", images, stats, mask_threshold=threshold, dtype=torch.float32,
-                        chunk_size=chunk, dense_kernel="int8")
-    model.int8_backend = lambda: backend
-    x = _noisy(images, t, count=count)
+                        chunk_size=chunk, dense_kernel=backend)
+    x = noisy(images, t, count=count)
     got = model(x, t).double().reshape(len(x), -1)
-    want = brute_pca(x, t, images, stats, threshold)
+    want = pca_oracle(x, t, images, stats, threshold)
     assert (got - want).abs().max() < 1e-4
     if model.plan(t).strategy == "dense":
-        assert model.last_kernel.startswith("int8x"), model.last_kernel
+        assert model.last_kernel.startswith(f"{backend}x"), model.last_kernel
     # five digits combined in float64 reach float64 accuracy (the exact integer sums)
-    abar = float(alpha_bar(t))
-    full = _int8(model, model.plan(t), x.reshape(len(x), -1).double(), math.sqrt(abar), 1 / (2 * (1 - abar)),
-                 MAX_DIGITS, torch.float64)
+    full = _int8(model, backend, x, t, MAX_DIGITS, torch.float64)
     assert (full - want).abs().max() < 1e-6
 
 
@@ -110,14 +101,13 @@ def test_every_choice_the_bound_allows_is_within_tolerance(fmnist_crop12, backen
     stays within 1e-4 of float64; and the bound rules out what it must (1 digit at t = 0)."""
     images, stats = fmnist_crop12
     model = build_model("pca_locality", images, stats, mask_threshold=0.005, dtype=torch.float32,
-                        dense_kernel="int8", chunk_size=64)
-    model.int8_backend = lambda: backend
+                        dense_kernel=backend, chunk_size=64)
     allowed = 0
     for t in (900, 600, 300, 200, 100, 0):
         abar = float(alpha_bar(t))
         a, scale = math.sqrt(abar), 1 / (2 * (1 - abar))
-        x = _noisy(images, t, count=2, seed=t)
-        want = brute_pca(x, t, images, stats, 0.005)
+        x = noisy(images, t, count=2, seed=t)
+        want = pca_oracle(x, t, images, stats, 0.005)
         x64 = x.reshape(2, -1).double()
         plan = model.plan(t)
         xq = x64 - a / 255
@@ -130,7 +120,7 @@ def test_every_choice_the_bound_allows_is_within_tolerance(fmnist_crop12, backen
                     assert bound > LOGIT_TOLERANCE
                 if bound <= LOGIT_TOLERANCE:
                     allowed += 1
-                    got = _int8(model, plan, x64, a, scale, digits, dtype)
+                    got = _int8(model, backend, x, t, digits, dtype)
                     assert (got - want).abs().max() < 1e-4, (t, digits, dtype, bound)
     assert allowed >= 10
 
@@ -142,9 +132,9 @@ def test_int8_on_real_fmnist_crop_every_step_and_chunking(fmnist_crop12):
         model = build_model("pca_locality", images, stats, mask_threshold=0.005, dtype=torch.float32,
                             chunk_size=chunk, dense_kernel="int8")
         for t in (900, 500, 200, 0):
-            x = _noisy(images, t, count=2, seed=3)
+            x = noisy(images, t, count=2, seed=3)
             got = model(x, t).double().reshape(2, -1)
-            assert (got - brute_pca(x, t, images, stats, 0.005)).abs().max() < 1e-4
+            assert (got - pca_oracle(x, t, images, stats, 0.005)).abs().max() < 1e-4
             outs.setdefault(t, []).append(got)
     for t, (a, b) in outs.items():  # chunk-size independence (exact integer sums)
         assert (a - b).abs().max() < 1e-5, t
@@ -152,34 +142,63 @@ def test_int8_on_real_fmnist_crop_every_step_and_chunking(fmnist_crop12):
 
 def test_int8_refuses_what_it_cannot_do(synth8):
     images, stats = synth8
-    x = _noisy(images, 500)
-    for kernel in ("int8", "bf16x3"):
+    x = noisy(images, 500)
+    for kernel in ("int8", "int8_intmm", "bf16x3"):
         model = build_model("pca_locality", images, stats, mask_threshold=0.0, dense_kernel=kernel,
                             dtype=torch.float32)
-        with pytest.raises(ValueError, match=f"{kernel} needs a binary mask: set model.mask_threshold > 0"):
+        with pytest.raises(ValueError, match=rf"dense_kernel={kernel} cannot run here \(.*needs a binary mask: set "
+                                             r"model.mask_threshold > 0"):
             model(x, 500)
-        smooth = _data()
+        smooth = local_images()
         model = build_model("pca_locality", smooth, fit_statistics(smooth, progress=False), mask_threshold=0.02,
                             dense_kernel=kernel, dtype=torch.float32)
-        with pytest.raises(ValueError, match=rf"{kernel} needs 8-bit images \(values \(2q - 255\)/255"):
-            model(_noisy(smooth, 500), 500)
+        with pytest.raises(ValueError, match=r"needs 8-bit images \(values \(2q - 255\)/255"):
+            model(noisy(smooth, 500), 500)
 
 
-def test_auto_picks_int8_only_where_it_applies(synth8):
+def test_auto_measures_the_kernels_that_apply(synth8):
+    """auto's candidates: the int8 kernels for 8-bit images and binary masks (bf16 ones only with a
+    native bfloat16 GEMM), float32 always; float64 models only the float64 kernels."""
+    images, stats = synth8
+    tuner = PreferKernel("none")
+    model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32, tuner=tuner)
+    x = noisy(images, 500)
+    model(x, 500)
+    int8 = {"int8_intmm", "int8_onednn"} if ONEDNN else {"int8_intmm"}
+    assert set(tuner.seen) == {"float32"} | int8
+    assert model.last_kernel.split("x")[0] in tuner.seen
+    smooth = local_images()
+    other = build_model("pca_locality", smooth, fit_statistics(smooth, progress=False), mask_threshold=0.02,
+                        dtype=torch.float32, tuner=tuner)
+    other(noisy(smooth, 500), 500)
+    assert tuner.seen == ["float32"] and other.last_kernel == "float32"  # not 8-bit data: the float32 GEMM
+    f64 = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float64, tuner=tuner)
+    f64(x, 500)
+    assert tuner.seen == ["float64"] and f64.last_kernel == "float64"  # the oracle never takes int8
+
+
+def test_auto_candidates_with_tensor_cores(synth8):
+    """Where a native bfloat16 GEMM exists (faked here) auto also measures bf16x3 (8-bit images)
+    or bf16x6, unless their image side would not fit; θ = 0 (not binary) leaves float32."""
+    from locality.models.pca_locality.selection import step_candidates
+
     images, stats = synth8
     model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32)
-    x = _noisy(images, 500)
-    model(x, 500)
-    avx512 = ONEDNN and torch.backends.cpu.get_cpu_capability() == "AVX512"
-    assert model.last_kernel.startswith("int8x") if avx512 else model.last_kernel == "float32"
-    smooth = _data()
-    model = build_model("pca_locality", smooth, fit_statistics(smooth, progress=False), mask_threshold=0.02,
-                        dtype=torch.float32)
-    model(_noisy(smooth, 500), 500)
-    assert model.last_kernel == "float32"  # not 8-bit data: the float32 GEMM
-    f64 = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float64)
-    f64(x, 500)
-    assert f64.last_kernel == "float64"  # the oracle never takes the int8 kernel
+    for name in ("bf16x6", "bf16x3"):
+        model.kernels[name]._native, model.kernels[name]._fits = True, True
+    step = model.step_inputs(noisy(images, 500), 500)
+    kind, chosen = step_candidates(model.kernels, step, "auto", float64_only=False)
+    assert kind == "dense32" and {"float32", "bf16x6", "bf16x3", "int8_intmm"} <= set(chosen)
+    model.kernels["bf16x3"]._fits = False
+    assert "bf16x3" not in step_candidates(model.kernels, step, "auto", float64_only=False)[1]
+    model.kernels["bf16x3"]._fits = True
+    # a forced kernel is the only dense candidate
+    assert set(step_candidates(model.kernels, step, "bf16x3", float64_only=False)[1]) == {"bf16x3"}
+    dense = build_model("pca_locality", images, stats, mask_threshold=0.0, dtype=torch.float32)
+    for name in ("bf16x6", "bf16x3"):
+        dense.kernels[name]._native, dense.kernels[name]._fits = True, True
+    step = dense.step_inputs(noisy(images, 500), 500)
+    assert set(step_candidates(dense.kernels, step, "auto", float64_only=False)[1]) == {"float32"}
 
 
 def test_bf16_code_images_are_exact(fmnist_train):
@@ -201,9 +220,9 @@ def test_bf16x3_kernel_matches_brute_force(synth8, t, threshold, chunk, count):
     images, stats = synth8
     model = build_model("pca_locality", images, stats, mask_threshold=threshold, dtype=torch.float32,
                         chunk_size=chunk, dense_kernel="bf16x3")
-    x = _noisy(images, t, count=count)
+    x = noisy(images, t, count=count)
     got = model(x, t).double().reshape(len(x), -1)
-    assert (got - brute_pca(x, t, images, stats, threshold)).abs().max() < 1e-4
+    assert (got - pca_oracle(x, t, images, stats, threshold)).abs().max() < 1e-4
     assert model.last_kernel in ("bf16x3", "float64", "sparse")
     if model.plan(t).strategy == "dense" and t >= 500:
         assert model.last_kernel == "bf16x3"
@@ -211,51 +230,20 @@ def test_bf16x3_kernel_matches_brute_force(synth8, t, threshold, chunk, count):
 
 def test_bf16x3_on_real_fmnist_crop_and_sample_groups(fmnist_crop12, monkeypatch):
     images, stats = fmnist_crop12
-    x = _noisy(images, 600, count=3, seed=2)
-    want = brute_pca(x, 600, images, stats, 0.005)
+    x = noisy(images, 600, count=3, seed=2)
+    want = pca_oracle(x, 600, images, stats, 0.005)
     model = build_model("pca_locality", images, stats, mask_threshold=0.005, dtype=torch.float32,
                         dense_kernel="bf16x3", chunk_size=50)
     whole = model(x, 600).double().reshape(3, -1)
     assert model.last_kernel == "bf16x3"
     assert (whole - want).abs().max() < 1e-4
-    import locality.models.eight_bit as eight_bit
+    import locality.models.pca_locality.int8 as int8
 
-    monkeypatch.setattr(eight_bit, "memory_budget", lambda device: 28 * 144 * 144)  # one sample a group
+    import locality.models.pca_locality.bf16 as bf16
+
+    monkeypatch.setattr(bf16, "memory_budget", lambda device: 28 * 144 * 144)  # one sample a group
     grouped = model(x, 600).double().reshape(3, -1)
     assert (grouped - whole).abs().max() < 1e-6
-
-
-def test_auto_on_cuda_tries_bf16x3_then_int8(synth8, monkeypatch):
-    """The CUDA policy of auto, read without a GPU (the device type and memory rules faked)."""
-    images, stats = synth8
-    model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32)
-    plan = model.plan(500)
-    model.device = torch.device("cuda")
-    model._auto_fits = {"bf16x3": True, "bf16x6": True}
-    model._int8_exact = {"int_mm": True}  # the probe of CUDA's integer tensor cores, faked
-    assert model.candidates(plan, 3) == ["bf16x3", "int8"]
-    from locality.models.pca_locality import INT8_FIRST_ROWS
-
-    tall = INT8_FIRST_ROWS // 25 + 1  # n·B rows beyond the crossover
-    assert model.candidates(plan, tall) == ["int8"]
-    model._auto_fits["bf16x3"] = False
-    assert model.candidates(plan, 3) == ["int8"]
-    # int8 sums that are not exact: never int8
-    model._int8_exact = {"int_mm": False}
-    assert model.candidates(plan, 3) == ["bf16x6"]
-    model._auto_fits["bf16x3"] = True
-    assert model.candidates(plan, 3) == model.candidates(plan, tall) == ["bf16x3"]
-    smooth = _data()
-    other = build_model("pca_locality", smooth, fit_statistics(smooth, progress=False), mask_threshold=0.02,
-                        dtype=torch.float32)
-    other.device = torch.device("cuda")
-    other._auto_fits = {"bf16x3": True, "bf16x6": True}
-    assert other.candidates(other.plan(500), 3) == ["bf16x6"]
-    other._auto_fits["bf16x6"] = False
-    assert other.candidates(other.plan(500), 3) == ["float32"]
-    dense = build_model("pca_locality", images, stats, mask_threshold=0.0, dtype=torch.float32)
-    dense.device = torch.device("cuda")
-    assert dense.candidates(dense.plan(500), 3) == ["float32"]  # θ = 0: not binary
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -264,17 +252,16 @@ def test_int8_sample_groups(fmnist_crop12, monkeypatch, backend):
     activations exceed the memory budget: same result within tolerance."""
     images, stats = fmnist_crop12
     model = build_model("pca_locality", images, stats, mask_threshold=0.005, dtype=torch.float32,
-                        dense_kernel="int8", chunk_size=40)
-    model.int8_backend = lambda: backend
-    x = _noisy(images, 400, count=3, seed=4)
-    want = brute_pca(x, 400, images, stats, 0.005)
+                        dense_kernel=backend, chunk_size=40)
+    x = noisy(images, 400, count=3, seed=4)
+    want = pca_oracle(x, 400, images, stats, 0.005)
     whole = model(x, 400).double().reshape(3, -1)
-    import locality.models.eight_bit as eight_bit
+    import locality.models.pca_locality.int8 as int8
 
     calls = []
-    real = eight_bit.to_digits
-    monkeypatch.setattr(eight_bit, "memory_budget", lambda device, *a, **k: 3 * 144 * 144)  # one sample a group
-    monkeypatch.setattr(eight_bit, "to_digits", lambda v, d: calls.append(len(v)) or real(v, d))
+    real = int8.to_digits
+    monkeypatch.setattr(int8, "memory_budget", lambda device, *a, **k: 3 * 144 * 144)  # one sample a group
+    monkeypatch.setattr(int8, "to_digits", lambda v, d: calls.append(len(v)) or real(v, d))
     grouped = model(x, 400).double().reshape(3, -1)
     assert calls == [1, 1, 1]
     assert (whole - want).abs().max() < 1e-4 and (grouped - want).abs().max() < 1e-4
@@ -285,30 +272,33 @@ def _saturating(exact_mm):
     return lambda *args, **kw: exact_mm(*args, **kw).clamp(-32768, 32767)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["int_mm", pytest.param("onednn", marks=BACKENDS[1].marks)])
 def test_int8_probe_passes_here_and_catches_saturating_sums(backend, monkeypatch):
-    import locality.models.eight_bit as eight_bit
+    import locality.models.pca_locality.int8 as int8
+    from locality.models.pca_locality.selection import int8_sums_exact
 
-    assert eight_bit.int8_sums_exact(backend, "cpu")
+    assert int8_sums_exact(backend, "cpu")
     name = "_onednn_mm" if backend == "onednn" else "_int_mm"
-    monkeypatch.setattr(eight_bit, name, _saturating(getattr(eight_bit, name)))
-    assert not eight_bit.int8_sums_exact(backend, "cpu")
+    monkeypatch.setattr(int8, name, _saturating(getattr(int8, name)))
+    assert not int8_sums_exact(backend, "cpu")
 
 
 def test_inexact_int8_is_refused_or_left_out(synth8, monkeypatch, caplog):
-    """Where the probe fails, dense_kernel=int8 is a clear error and auto takes float32."""
-    import locality.models.pca_locality as pca
+    """Where the probe fails, dense_kernel=int8 is a clear error and auto leaves int8 out."""
+    import locality.models.pca_locality.int8 as int8
 
-    monkeypatch.setattr(pca, "int8_sums_exact", lambda backend, device: False)
+    monkeypatch.setattr(int8, "int8_sums_exact", lambda backend, device: False)
     images, stats = synth8
-    x = _noisy(images, 500)
+    x = noisy(images, 500)
     explicit = build_model("pca_locality", images, stats, mask_threshold=0.02, dense_kernel="int8",
                            dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"dense_kernel=int8: the int8 products of the \w+ backend are not exact"):
+    with pytest.raises(ValueError, match=r"dense_kernel=int8 cannot run here \(.*int8_intmm: the int8 products of "
+                                         r"the int_mm backend are not exact"):
         explicit(x, 500)
-    auto = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32)
+    tuner = PreferKernel("none")
+    auto = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32, tuner=tuner)
     with caplog.at_level("WARNING", logger="locality.models.pca_locality"):
         got = auto(x, 500).double().reshape(len(x), -1)
-    assert auto.last_kernel == "float32"
-    assert "not exact" in caplog.text or torch.backends.cpu.get_cpu_capability() != "AVX512"
-    assert (got - brute_pca(x, 500, images, stats, 0.02)).abs().max() < 1e-4
+    assert tuner.seen == ["float32"] and auto.last_kernel == "float32"
+    assert "not exact" in caplog.text
+    assert (got - pca_oracle(x, 500, images, stats, 0.02)).abs().max() < 1e-4

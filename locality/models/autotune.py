@@ -1,0 +1,215 @@
+"""Kernel choice by measurement: time every eligible kernel on the real shapes, run the fastest,
+and remember the decision per machine (cuDNN's benchmark mode, Triton's autotuner, FFTW's wisdom).
+
+A model asks :meth:`KernelTuner.choose` with a decision key (what kind of step, which shapes,
+which candidates) and, per candidate kernel, a ``prepare(images, samples) -> run`` pair:
+``prepare`` builds what the kernel needs for the first ``images`` training images and the first
+``samples`` samples (untimed) and returns a callable that computes the step for them (timed). Which kernels are *eligible* (exact enough,
+supported by the device) is the model's business; which eligible one is *fastest* is only ever
+measured here, never derived from CPU flags or GPU names.
+
+The probe (:meth:`KernelTuner.measure`) is staged so that a pathologically slow backend (a
+quantized GEMM running a scalar fallback at 0.24 GOPS) costs milliseconds, not minutes:
+
+1. screen: every candidate once on one sample and ``SCREEN_IMAGES`` images (after an untimed
+   warm-up call on one image); one that takes more than ``DROP_FACTOR`` times the best and more
+   than ``DROP_FLOOR_S`` is dropped (the floor keeps kernels whose fixed Python overhead
+   dominates tiny workloads);
+2. grow: the survivors on all samples and 4x more images per round, with the same rule, until
+   the fastest takes ``MIN_TIMED_S`` or every image is used;
+3. final: ``REPEATS`` alternating timed calls of each survivor (A B A B …, so a machine whose
+   speed drifts treats them alike); the smallest median per image wins.
+
+Decisions are kept in memory and, with a ``store_dir``, in one JSON file per machine
+(:func:`machine_description`: CPU model and flags or GPU name, torch version, thread count),
+written atomically; a damaged store is measured again with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SCREEN_IMAGES = 4
+GROWTH = 4
+MIN_TIMED_S = 0.05
+DROP_FACTOR = 4.0
+DROP_FLOOR_S = 0.005
+REPEATS = 3
+STORE_VERSION = 1
+
+Prepare = Callable[[int, int], Callable[[], object]]  # (images, samples) -> the timed call
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The measured choice for one key: the winning kernel and every candidate's milliseconds
+    per 1 000 images at the last round it took part in (``None``: not measured, taken from a forced
+    or single choice)."""
+
+    kernel: str
+    ms_per_1000_images: dict[str, float]
+    probe_images: int
+    probe_seconds: float
+    source: str  # "measured", "store" or "only candidate"
+
+
+def _cpu_model_and_flags() -> tuple[str, str]:
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = value.strip()
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+def machine_description(device: torch.device) -> dict[str, str]:
+    """What a measured decision depends on besides the shapes: the processor (model name and a
+    digest of its feature flags) or the GPU, the torch build, and the CPU thread count."""
+    model, flags = _cpu_model_and_flags()
+    desc = {"device_type": device.type, "cpu": model, "cpu_flags_sha": hashlib.sha256(flags.encode()).hexdigest()[:16],
+            "torch": torch.__version__, "threads": str(torch.get_num_threads())}
+    if device.type == "cuda":
+        desc["gpu"] = torch.cuda.get_device_name(device)
+        desc["cuda"] = str(torch.version.cuda)
+    return desc
+
+
+class KernelTuner:
+    """Measures and remembers which kernel is fastest for a decision key on this machine.
+
+    ``store_dir``: where the per-machine JSON lives (``paths.cache_dir``/kernels in the apps);
+    None keeps decisions for the life of this object only. One tuner may serve several models."""
+
+    def __init__(self, device: torch.device | str, store_dir: str | Path | None = None) -> None:
+        self.device = torch.device(device)
+        self.machine = machine_description(self.device)
+        digest = hashlib.sha256(json.dumps(self.machine, sort_keys=True).encode()).hexdigest()[:16]
+        self.store_path = Path(store_dir) / f"{digest}.json" if store_dir is not None else None
+        self._decisions: dict[str, Decision] = {}
+        self._loaded = False
+        self._announced: set[str] = set()  # store decisions already logged
+        self.probe_seconds_total = 0.0  # time spent measuring by this tuner (for the logs and the bench)
+
+    def choose(self, key: str, candidates: Mapping[str, Prepare], total_images: int, total_samples: int) -> Decision:
+        """The fastest of ``candidates`` (name -> prepare) for ``key``: from memory, the store, or
+        measured now (then stored). A single candidate is returned without measuring."""
+        if not candidates:
+            raise ValueError("KernelTuner.choose needs at least one candidate")
+        if len(candidates) == 1:
+            return Decision(next(iter(candidates)), {}, 0, 0.0, "only candidate")
+        self._load()
+        known = self._decisions.get(key)
+        if known is not None and known.kernel in candidates:
+            if known.source == "store" and key not in self._announced:
+                self._announced.add(key)
+                log.info("kernel choice %s: %s (from the kernel store %s)", key, known.kernel, self.store_path)
+            return known
+        decision = self.measure(candidates, total_images, total_samples)
+        self._decisions[key] = decision
+        self._save()
+        rates = ", ".join(f"{name} {ms:.1f} ms" for name, ms in sorted(decision.ms_per_1000_images.items(),
+                                                                      key=lambda kv: kv[1]))
+        log.info("kernel choice %s: %s (measured per 1000 images: %s; probe %.2f s)", key, decision.kernel,
+                 rates, decision.probe_seconds)
+        return decision
+
+    def measure(self, candidates: Mapping[str, Prepare], total_images: int, total_samples: int) -> Decision:
+        """The staged probe of the module docstring; returns the decision (not stored)."""
+        start = time.perf_counter()
+        per_image: dict[str, float] = {}
+        # screen: one sample, a few images, after a warm-up on one image (first calls pay
+        # one-off setup: JIT, primitive caches, allocations)
+        images = min(SCREEN_IMAGES, total_images)
+        runs = {name: prepare(images, 1) for name, prepare in candidates.items()}
+        for prepare in candidates.values():
+            self._sync(prepare(1, 1)())
+        alive = self._survivors({name: self._time(run) for name, run in runs.items()}, images, per_image)
+        images = min(SCREEN_IMAGES * GROWTH, total_images)
+        while len(alive) > 1:  # grow: all samples, 4x more images a round
+            seconds = {name: self._time(candidates[name](images, total_samples)) for name in alive}
+            alive = self._survivors(seconds, images, per_image)
+            if min(seconds.values()) >= MIN_TIMED_S or images >= total_images:
+                break
+            images = min(total_images, images * GROWTH)
+        if len(alive) > 1:  # final: alternating repeats, medians
+            runs = {name: candidates[name](images, total_samples) for name in alive}
+            samples: dict[str, list[float]] = {name: [] for name in alive}
+            for _ in range(REPEATS):
+                for name, run in runs.items():
+                    samples[name].append(self._time(run))
+            for name in alive:
+                per_image[name] = statistics.median(samples[name]) / images
+        winner = min(alive, key=lambda name: per_image[name])
+        seconds = time.perf_counter() - start
+        self.probe_seconds_total += seconds
+        return Decision(winner, {name: 1e6 * s for name, s in per_image.items()}, images, seconds, "measured")
+
+    @staticmethod
+    def _survivors(seconds: dict[str, float], images: int, per_image: dict[str, float]) -> list[str]:
+        """Record each candidate's seconds per image; keep those within DROP_FACTOR of the best
+        (or under DROP_FLOOR_S)."""
+        best = min(seconds.values())
+        for name, s in seconds.items():
+            per_image[name] = s / images
+        return [name for name, s in seconds.items() if s <= max(DROP_FACTOR * best, DROP_FLOOR_S)]
+
+    def _time(self, run: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        self._sync(run())
+        return time.perf_counter() - start
+
+    def _sync(self, _result: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _load(self) -> None:
+        if self._loaded or self.store_path is None:
+            self._loaded = True
+            return
+        self._loaded = True
+        if not self.store_path.exists():
+            return
+        try:
+            data = json.loads(self.store_path.read_text())
+            if data.get("version") != STORE_VERSION or data.get("machine") != self.machine:
+                raise ValueError("written for another version or machine description")
+            for key, entry in data["decisions"].items():
+                self._decisions.setdefault(key, Decision(
+                    str(entry["kernel"]), {str(k): float(v) for k, v in entry["ms_per_1000_images"].items()},
+                    int(entry["probe_images"]), float(entry["probe_seconds"]), "store"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("kernel store %s is unreadable (%s: %s): measuring again, it will be rewritten",
+                        self.store_path, type(e).__name__, e)
+
+    def _save(self) -> None:
+        if self.store_path is None:
+            return
+        from locality.atomic import write_cache_or_warn, write_json_atomic
+
+        decisions = {key: {"kernel": d.kernel, "ms_per_1000_images": d.ms_per_1000_images,
+                           "probe_images": d.probe_images, "probe_seconds": d.probe_seconds}
+                     for key, d in self._decisions.items() if d.source != "only candidate"}
+        data = {"version": STORE_VERSION, "machine": self.machine, "decisions": decisions}
+        write_cache_or_warn(lambda: write_json_atomic(data, self.store_path), self.store_path, "kernel store",
+                            log, "the choice is measured again next run")

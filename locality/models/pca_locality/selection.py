@@ -1,0 +1,156 @@
+"""Every threshold of pca_locality's kernels, the probes of what a machine can do exactly, and
+the measured choice of a step's kernel.
+
+What a step may use is decided by exactness (a rounding estimate within ``LOGIT_TOLERANCE``, a
+binary mask, 8-bit images, integer sums that a probe finds exact) and by what the device
+supports; which of those runs is decided by timing them on the real shapes
+(:class:`locality.models.autotune.KernelTuner`), never by CPU flags or GPU names. A step is of
+one of three kinds, each with its candidates:
+
+* ``dense32``: the logits at float32 accuracy: ``float32``, ``bf16x6``, ``bf16x3``,
+  ``int8_onednn`` and ``int8_intmm`` (combined in float32), those whose estimate allows it;
+* ``dense64`` where none of those is accurate enough (low noise): ``float64`` and the int8
+  kernels with 4-5 digits combined in float64 where their estimate allows it;
+* ``sparse|…``: a mask whose every column has at most n/16 ones adds the direct-difference
+  ``sparse`` kernel to the dense candidates of the step.
+
+``model.dtype=float64`` (the exactness oracle) allows only ``float64`` and ``sparse``;
+``model.dense_kernel=NAME`` replaces the dense32/int8 candidates by NAME (``int8``: both int8
+backends), falling back to float64 where NAME cannot reach the tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from locality.models.softmax import LOGIT_TOLERANCE  # noqa: F401  (the tolerance every kernel's estimate meets)
+
+if TYPE_CHECKING:
+    from locality.models.autotune import Decision, KernelTuner
+    from locality.models.pca_locality.kernel import Kernel, Precision, Step
+
+SPARSE_MAX_FRACTION = 1 / 16  # a mask is sparse-eligible when its longest column has ≤ n/16 ones
+# rounding of a kernel's logits relative to the float32 GEMM, for the error estimate: on the H100
+# the probe of scripts/gpu_check.py put bf16x6 logits 5.2x further from float64 than the float32
+# kernel's (2.1e-3 vs 4.1e-4 on logits up to 383: tensor cores sum 6n terms); 8 keeps the margin.
+# bf16x3 (exact products, 3n terms, the same float32 accumulation) reuses it: on the H100 its
+# Fashion-MNIST steps stayed within 2.9e-5 of float64
+KERNEL_ROUNDING_FACTOR = {"float32": 1.0, "float64": 1.0, "bf16x6": 8.0, "bf16x3": 8.0}
+ONEDNN_MAX_VALUES = 1024  # n·128·128 < 2^24: oneDNN's float32 output of an int32 sum is exact
+MAX_DIGITS = 5  # int8: fixed-point digits of the samples (5 reach float64 accuracy)
+# CPU: logits per chunk for the int8 kernels (they write the logits once per digit, so they must
+# stay cached: 8 MiB chunks ran 1.5x faster than 24 MiB on the Xeon of the README)
+INT8_CPU_CHUNK_CAP_BYTES = 8 << 20
+
+DENSE32_KERNELS = ("float32", "bf16x6", "bf16x3", "int8_onednn", "int8_intmm")
+FORCED = {"float32": ("float32",), "bf16x6": ("bf16x6",), "bf16x3": ("bf16x3",),
+          "int8": ("int8_onednn", "int8_intmm"), "int8_onednn": ("int8_onednn",), "int8_intmm": ("int8_intmm",)}
+DENSE_KERNELS = ("auto", *FORCED)  # model.dense_kernel's choices
+
+
+def step_candidates(kernels: dict[str, Kernel], step: Step, dense_kernel: str,
+                    float64_only: bool) -> tuple[str, dict[str, Precision]]:
+    """(kind, {kernel name: precision}) of the kernels that may run ``step`` (module docstring).
+    An explicit ``dense_kernel`` that cannot run at all raises ValueError with its reasons."""
+    forced = dense_kernel != "auto"
+    names = () if float64_only else (FORCED[dense_kernel] if forced else DENSE32_KERNELS)
+    usable, reasons = [], []
+    for name in names:
+        why = kernels[name].unavailable(step.plan, forced)
+        if why is None:
+            usable.append(name)
+        else:
+            reasons.append(f"{name}: {why}")
+    if forced and not usable and not float64_only:
+        raise ValueError(f"model.dense_kernel={dense_kernel} cannot run here ({'; '.join(reasons)}); "
+                         "use model.dense_kernel=auto")
+    chosen = _within(kernels, usable, step, (torch.float32,))
+    kind = "dense32"
+    if not chosen:
+        kind = "dense64"
+        chosen = _within(kernels, [*usable, "float64"], step, (torch.float64,))
+    if kernels["sparse"].unavailable(step.plan, forced) is None:
+        kind = f"sparse|{kind}"
+        chosen["sparse"] = kernels["sparse"].precision(step, (torch.float64,))
+    return kind, chosen
+
+
+def _within(kernels: dict[str, Kernel], names: list[str], step: Step,
+            dtypes: tuple[torch.dtype, ...]) -> dict[str, Precision]:
+    out = {}
+    for name in names:
+        precision = kernels[name].precision(step, dtypes)
+        if precision is not None:
+            out[name] = precision
+    return out
+
+
+def decision_key(kind: str, names: list[str], step: Step, num_images: int, chunk_size: int | None) -> str:
+    """What a measured choice is remembered by: the kind of step, its candidates, the shapes
+    (values per image, samples, images to the nearest power of two), the sparse mask's
+    density to the nearest power of two (the sparse kernel's work is proportional to it)."""
+    batch, n = step.x64.shape
+    key = f"pca_locality|{kind}|{'+'.join(sorted(names))}|n={n}|B={batch}|N~2^{round(math.log2(max(num_images, 1)))}"
+    if "sparse" in names:
+        key += f"|density~2^{round(math.log2(max(step.plan.density, 1e-12)))}"
+    if chunk_size is not None:
+        key += f"|chunk={chunk_size}"
+    return key
+
+
+def choose_kernel(tuner: KernelTuner, kernels: dict[str, Kernel], kind: str, chosen: dict[str, Precision],
+                  step: Step, chunk_size: int | None) -> Decision:
+    """The measured fastest of ``chosen`` for ``step``: each candidate is timed on subsets of
+    the real images (its image side prepared for them, untimed) and of the step's samples,
+    at the precision it would run the step in."""
+    num = kernels["float64"].images.count
+
+    def probe(name: str):
+        kernel, precision = kernels[name], chosen[name]
+
+        def prepare(count: int, samples: int):
+            sub = replace(step, x64=step.x64[:samples])
+            side = kernel.prepare(count, sub, chunk_size)
+            return lambda: kernel.run(side, sub, precision, chunk_size)
+
+        return prepare
+
+    key = decision_key(kind, list(chosen), step, num, chunk_size)
+    return tuner.choose(key, {name: probe(name) for name in chosen}, num, step.x64.shape[0])
+
+
+def int8_sums_exact(backend: str, device: torch.device | str) -> bool:
+    """Whether ``backend``'s int8 products sum exactly on this machine: a probe with the
+    operands that break CPUs without VNNI (their u8·s8 instructions add pairs of products in
+    saturating int16: 255·127·2 > 32 767), rows of all 127, all -128 and alternating signs,
+    against the int64 products. Integer tensor cores and VNNI/AMX units pass."""
+    from locality.models.pca_locality import int8
+
+    n = 64
+    even = torch.arange(n) % 2 == 0
+    rows = torch.stack([torch.full((n,), 127), torch.full((n,), -128), torch.where(even, 127, -128),
+                        torch.where(even, -128, 127)]).to(torch.int8)
+    act, weights = rows.repeat(5, 1), rows.repeat(2, 1)  # 20 rows (int_mm wants > 16), 8 images
+    exact = act.long() @ weights.long().T  # |sum| ≤ 64·128² = 2^20: exact in float32 as well
+    if backend == "onednn":
+        packed = torch.ops.onednn.qlinear_prepack(weights.contiguous(), None)
+        got = int8._onednn_mm(act, packed, weights.shape[0], 1.0, None).double()
+        return torch.equal(got, exact.double())
+    got = int8._int_mm(act.to(device), weights.T.contiguous().to(device)).cpu()
+    return torch.equal(got.long(), exact)
+
+
+def bf16_gemm_is_native(device: torch.device) -> bool:
+    """Whether ``device`` has a bfloat16 GEMM with a float32 output (``torch.mm(...,
+    out_dtype=float32)``); elsewhere the bfloat16 kernels run emulated in float32 GEMMs of 3-6x
+    the work, correct (the tests use that) but never worth a probe under ``auto``."""
+    a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True

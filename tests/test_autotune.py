@@ -1,0 +1,138 @@
+"""The measured kernel choice: the tuner's staged probe with injected slow and fast kernels, its
+per-machine store (key, atomic write, recovery from a damaged file), and pca_locality choosing
+by measurement with a backend made slow on purpose. No timing asserts: the injected kernels
+differ by orders of magnitude, so every machine ranks them alike."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+import torch
+
+import locality.models.autotune as autotune
+from locality.models import build_model
+from locality.models.autotune import KernelTuner, machine_description
+from locality.statistics import fit_statistics
+from synthetic import eight_bit, local_images, noisy, pca_oracle
+
+
+def sleeper(seconds_per_image: float, calls: list):
+    """A fake kernel: prepare(images, samples) -> a call that sleeps in proportion to the images."""
+    def prepare(images: int, samples: int):
+        def run():
+            calls.append(images)
+            time.sleep(seconds_per_image * images)
+        return run
+    return prepare
+
+
+def test_the_fast_kernel_wins_and_the_slow_one_is_dropped_early():
+    fast_calls, slow_calls = [], []
+    tuner = KernelTuner("cpu")
+    decision = tuner.measure({"slow": sleeper(0.01, slow_calls), "fast": sleeper(1e-5, fast_calls)}, 10_000, 8)
+    assert decision.kernel == "fast" and decision.source == "measured"
+    assert decision.ms_per_1000_images["slow"] > 10 * decision.ms_per_1000_images["fast"]
+    # the slow one only ran the warm-up (1 image) and the screen (SCREEN_IMAGES): a bounded cost
+    assert slow_calls == [1, autotune.SCREEN_IMAGES]
+    assert fast_calls == [1, autotune.SCREEN_IMAGES]  # a lone survivor needs no further rounds
+    assert tuner.probe_seconds_total > 0
+
+
+def test_close_kernels_go_to_the_final_alternating_round():
+    a_calls, b_calls = [], []
+    decision = KernelTuner("cpu").measure({"a": sleeper(2e-4, a_calls), "b": sleeper(1e-4, b_calls)}, 4096, 8)
+    assert decision.kernel == "b"
+    assert a_calls[-autotune.REPEATS:] == b_calls[-autotune.REPEATS:] == [decision.probe_images] * autotune.REPEATS
+
+
+def test_a_single_candidate_is_not_measured():
+    calls = []
+    decision = KernelTuner("cpu").choose("k", {"only": sleeper(1e-4, calls)}, 100, 2)
+    assert decision.kernel == "only" and decision.source == "only candidate" and calls == []
+
+
+def test_decisions_are_stored_per_machine_and_reused(tmp_path, caplog):
+    calls = []
+    first = KernelTuner("cpu", tmp_path)
+    candidates = {"slow": sleeper(1e-3, calls), "fast": sleeper(1e-6, calls)}
+    with caplog.at_level(logging.INFO, logger="locality.models.autotune"):
+        assert first.choose("step kind A", candidates, 1000, 4).kernel == "fast"
+    assert "kernel choice step kind A: fast (measured per 1000 images: fast" in caplog.text
+    files = list(tmp_path.iterdir())
+    assert files == [first.store_path]  # atomic write: no temporary file left beside it
+    data = json.loads(first.store_path.read_text())
+    assert data["machine"] == machine_description(torch.device("cpu"))
+    assert data["machine"]["threads"] == str(torch.get_num_threads()) and data["machine"]["torch"] == torch.__version__
+    assert data["decisions"]["step kind A"]["kernel"] == "fast"
+    calls.clear()
+    second = KernelTuner("cpu", tmp_path)  # a later run: no probe
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="locality.models.autotune"):
+        decision = second.choose("step kind A", candidates, 1000, 4)
+    assert decision.kernel == "fast" and decision.source == "store" and calls == []
+    assert "from the kernel store" in caplog.text
+    # another key (other shapes or candidates) is measured and added to the same file
+    assert second.choose("step kind B", candidates, 1000, 4).kernel == "fast" and calls
+    assert set(json.loads(second.store_path.read_text())["decisions"]) == {"step kind A", "step kind B"}
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"version": 1, "machine": {}, "decisions": {}}', "[]",
+                                    '{"version": 1, "machine": MACHINE, "decisions": {"k": {"kernel": "fast"}}}'])
+def test_a_damaged_store_is_measured_again_with_a_warning(tmp_path, caplog, damage):
+    tuner = KernelTuner("cpu", tmp_path)
+    tuner.store_path.write_text(damage.replace("MACHINE", json.dumps(tuner.machine)))
+    calls = []
+    with caplog.at_level(logging.WARNING, logger="locality.models.autotune"):
+        decision = tuner.choose("k", {"slow": sleeper(1e-3, calls), "fast": sleeper(1e-6, calls)}, 1000, 4)
+    assert decision.kernel == "fast" and decision.source == "measured" and calls
+    assert "is unreadable" in caplog.text and "measuring again" in caplog.text
+    assert json.loads(tuner.store_path.read_text())["decisions"]["k"]["kernel"] == "fast"  # rewritten
+
+
+def test_an_unwritable_store_is_a_warning(tmp_path, caplog):
+    blocker = tmp_path / "kernels"
+    blocker.write_text("a file where the folder should be")
+    tuner = KernelTuner("cpu", blocker)
+    with caplog.at_level(logging.WARNING):
+        decision = tuner.choose("k", {"a": sleeper(1e-3, []), "b": sleeper(1e-6, [])}, 1000, 4)
+    assert decision.kernel == "b" and "could not write the kernel store" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def synth8():
+    images = eight_bit(local_images(num=200, side=6))
+    return images, fit_statistics(images, progress=False)
+
+
+def test_pca_locality_never_picks_a_slow_backend(synth8, monkeypatch):
+    """int8's torch._int_mm made slow on purpose: auto runs float32; float32 made slow: auto runs int8."""
+    import locality.models.pca_locality.float_gemm as float_gemm
+    import locality.models.pca_locality.int8 as int8
+
+    images, stats = synth8
+    x = noisy(images, 500)
+    want = pca_oracle(x, 500, images, stats, 0.02)
+    real_int_mm, real_float_step = int8._int_mm, float_gemm.float_step
+
+    def slow_int_mm(*args):
+        time.sleep(0.02)
+        return real_int_mm(*args)
+
+    monkeypatch.setattr(int8, "_int_mm", slow_int_mm)
+    monkeypatch.setattr(int8, "int8_sums_exact", lambda backend, device: backend == "int_mm")  # no oneDNN rival
+    model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32)
+    got = model(x, 500).double().reshape(len(x), -1)
+    assert model.last_kernel == "float32" and (got - want).abs().max() < 1e-4
+    monkeypatch.setattr(int8, "_int_mm", real_int_mm)
+
+    def slow_float_step(*args):
+        time.sleep(0.05)
+        return real_float_step(*args)
+
+    monkeypatch.setattr(float_gemm, "float_step", slow_float_step)
+    model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32)
+    got = model(x, 500).double().reshape(len(x), -1)
+    assert model.last_kernel.startswith("int8_intmmx") and (got - want).abs().max() < 1e-4
