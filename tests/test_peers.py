@@ -247,3 +247,33 @@ def test_run_app_samples_and_compares_with_the_unet(tmp_path, name, args, steps)
     # a schedule of the wrong length is refused in one line, naming the fix
     proc = _run_app([f"model={name}", "sampler.num_steps=4", "model.patch_sizes=[5,3]"], tmp_path)
     assert proc.returncode == 2 and "has 2 entries but the sampler takes 4 steps" in proc.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (torch.cuda.is_available() is False): run `pytest -m cuda` on a GPU machine")
+@pytest.mark.parametrize("name", ["els", "pspc"])
+def test_cuda_matches_the_authors_vectors_and_the_cpu(name):
+    """On CUDA: float32 within 1e-4 of the authors' outputs, float64 equal to the CPU's float64,
+    every els variant against the brute force."""
+    if name == "els":
+        ref = _load("els_borders_vectors_fmnist200.pt")
+        cases = [(rec, {"patch_sizes": rec["k"]}) for rec in ref["records"]]
+    else:
+        ref = _load("pspc_vectors_fmnist200.pt")
+        cases = [(rec, {"patch_sizes": rec["patch_size"], "mirror": key == "xflip_True"})
+                 for key in ("xflip_True", "xflip_False") for rec in ref["records"][key]]
+    for rec, params in cases:
+        cuda32 = build_model(name, ref["Y"], None, dtype=torch.float32, device="cuda", **params)
+        torch.testing.assert_close(cuda32(rec["x_t"].cuda(), rec["t"]).double().cpu(), rec["x0_hat"].double(),
+                                   atol=1e-4, rtol=0)
+        cpu64 = build_model(name, ref["Y"], None, dtype=torch.float64, **params)(rec["x_t"], rec["t"])
+        cuda64 = build_model(name, ref["Y"], None, dtype=torch.float64, device="cuda", chunk_size=7, **params)
+        torch.testing.assert_close(cuda64(rec["x_t"].cuda(), rec["t"]).cpu(), cpu64, atol=1e-9, rtol=0)
+    if name == "els":
+        y, noise = small_data(6)
+        x = noised(y[:3], noise, 100)
+        for variant in ("borders", "circular", "local"):
+            model = build_model("els", y, None, patch_sizes=5, variant=variant, dtype=torch.float32, device="cuda")
+            torch.testing.assert_close(model(x.cuda(), 100).double().cpu(), brute_els(x, y, 100, 5, variant),
+                                       atol=1e-4, rtol=0)
