@@ -106,12 +106,20 @@ def test_els_matches_brute_force(variant, k, t):
 @pytest.mark.parametrize("p", [1, 2, 3, 4, 6, 7, 40])
 @pytest.mark.parametrize("t", [900, 300, 0])
 def test_pspc_matches_brute_force(mirror, p, t):
-    y, noise = small_data(1)
+    """Every tile layout (forced through the tuner) on 7 × 13 images: both layouts exist for p < 6."""
+    from synthetic import PreferKernel
+
+    y, noise = small_data(1, shape=(2, 7, 13))
     x = noised(y[:3], noise, t)
     want = brute_pspc(x, y, t, p, mirror)
-    for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
-        model = build_model("pspc", y, None, patch_sizes=p, mirror=mirror, dtype=dtype)
-        torch.testing.assert_close(model(x, t).double(), want, atol=atol, rtol=0)
+    layouts = build_model("pspc", y, None, patch_sizes=p).layouts(p)
+    assert ("rows" in layouts) == (p < 6)
+    for layout in layouts:
+        for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+            model = build_model("pspc", y, None, patch_sizes=p, mirror=mirror, dtype=dtype,
+                                tuner=PreferKernel(layout))
+            torch.testing.assert_close(model(x, t).double(), want, atol=atol, rtol=0)
+            assert model.last_kernel == layout
 
 
 def test_pspc_of_the_whole_image_is_the_optimal_denoiser():

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from locality.models.autotune import KernelTuner
 from locality.models.base import Denoiser, register_model
 from locality.models.patch_kernels import (
     Band, Tile, masked_tile_average, sliding_average, window_logit_error_estimate,
@@ -277,27 +278,39 @@ class PspcDenoiser(PatchDenoiser):
 
     name = "pspc"
 
-    def __init__(self, images: torch.Tensor, patch_sizes: int | Sequence[int], mirror: bool = True, **kw) -> None:
+    tunes_kernels = True  # the tile layout is measured (:meth:`step`)
+
+    def __init__(self, images: torch.Tensor, patch_sizes: int | Sequence[int], mirror: bool = True,
+                 tuner: KernelTuner | None = None, **kw) -> None:
         if not isinstance(mirror, bool):
             raise ValueError(f"model.mirror must be true or false, got {mirror!r}")
         self.mirror = mirror
         super().__init__(torch.cat([images, images.flip(-1)]) if mirror else images, patch_sizes, **kw)
+        self.tuner = tuner if tuner is not None else KernelTuner(self.device)
+        self.last_kernel: str | None = None  # the tile layout of the last step (tests, bench)
         h, w = self.images.shape[2:]
         clipped = {t: p for t, p in self.schedule.items() if p > min(h, w)}
         if clipped:
             log.info("pspc: patch sizes %s are larger than the %dx%d images and clipped to them (SPEC)",
                      sorted(set(clipped.values())), h, w)
 
-    def tiles(self, p: int) -> list[Tile]:
-        """Tiles of one anchor row and runs of max(8, p) anchors: rectangles p × (run + p - 1).
-        The mask wastes (run + p - 1)/p of the products; narrower runs waste less but copy more
-        rectangles per image (measured on Fashion-MNIST, 1 thread: runs of 4 anchors 6.5 s, of 8
-        5.2 s, full rows 5.0-7.2 s, this rule 3.6-5.4 s for 6 000 images; the machine's load
-        varied). From p ≥ W/2 a run spans the full width: one channel's rows are then contiguous
-        in each image and the GEMMs read them in place."""
+    def layouts(self, p: int) -> dict[str, int]:
+        """The tile layouts of size p, as anchors per tile: ``runs`` of max(8, p) anchors, and
+        ``rows`` (every anchor of an anchor row) where that differs. The mask wastes
+        (run + p - 1)/p of the products; shorter runs waste less but copy more rectangles per
+        image and run smaller GEMMs. Which is faster is measured (:meth:`step`): on Fashion-MNIST
+        (6 000 images, 1 thread, a loaded machine) runs of 4 anchors took 6.5 s, of 8 5.2 s,
+        rows 5.0-7.2 s, this runs rule 3.6-5.4 s. From p ≥ W/2 a run spans the full width: one
+        channel's rows are then contiguous in each image and the GEMMs read them in place."""
+        w = self.images.shape[3]
+        pw = min(p, w)
+        full = w - pw + 1
+        return {"runs": min(full, max(8, pw)), **({"rows": full} if max(8, pw) < full else {})}
+
+    def tiles(self, p: int, run: int) -> list[Tile]:
+        """Tiles of one anchor row and ``run`` consecutive anchors: rectangles p × (run + p - 1)."""
         h, w = self.images.shape[2:]
         ph, pw = min(p, h), min(p, w)
-        run = min(w - pw + 1, max(8, pw))
         tiles = []
         for r in range(h - ph + 1):
             for c0 in range(0, w - pw + 1, run):
@@ -307,10 +320,27 @@ class PspcDenoiser(PatchDenoiser):
         return tiles
 
     def step(self, x: torch.Tensor, a: float, scale: float, size: int, images: torch.Tensor) -> torch.Tensor:
+        """The layout of :meth:`layouts` that the tuner measures fastest (per shape and machine)."""
+        layouts = self.layouts(size)
+        c, h, w = images.shape[1:]
+        key = (f"pspc|p={min(size, h, w)}|{c}x{h}x{w}|B={x.shape[0]}|{str(x.dtype)[6:]}|"
+               f"N~2^{round(math.log2(max(images.shape[0], 1)))}" + (f"|chunk={self.chunk_size}" if self.chunk_size else ""))
+
+        def probe(name: str):
+            return lambda count, samples: (lambda: self.tiled_step(x[:samples], a, scale, size, images[:count],
+                                                                    layouts[name]))
+
+        decision = self.tuner.choose(key, {name: probe(name) for name in layouts}, images.shape[0], x.shape[0])
+        self.last_kernel = decision.kernel
+        return self.tiled_step(x, a, scale, size, images, layouts[decision.kernel])
+
+    def tiled_step(self, x: torch.Tensor, a: float, scale: float, size: int, images: torch.Tensor,
+                   run: int) -> torch.Tensor:
+        """x̂0 [B, C, H, W] float64 from the tiles of ``run`` anchors (:meth:`tiles`)."""
         batch, channels, h, w = x.shape
         total = torch.zeros(batch, channels, h, w, dtype=torch.float64, device=x.device)
         count = torch.zeros(h, w, dtype=torch.float64, device=x.device)
-        for tile in self.tiles(size):
+        for tile in self.tiles(size, run):
             res = masked_tile_average(x, images, tile, a, scale, self.chunk_size, self.weights32)  # [S, B, C·h·w]
             rect = res.view(len(tile.windows), batch, channels, tile.r1 - tile.r0, tile.c1 - tile.c0)
             for s, (top, bottom, left, right) in enumerate(tile.windows):
