@@ -238,5 +238,6 @@ def main(cfg: DictConfig) -> float | None:
         metrics = run_or_exit("locality.run", lambda: run(cfg, out), out)
     return metrics.get("sampling_time_total_s") if metrics else None
 
+
 if __name__ == "__main__":
     main()

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SWEEP_DIR_TAG = "locality.sweep_dir"
 #: Keys that do not change a cell's results: a completed cell differing only in them is skipped.
 UNCOMPARED_KEYS = ("sweep", "progress", "output.overwrite")
+_launcher_signals: Any = None  # the stop-signal handlers of the launching process, while a sweep runs
 
 
 def cell_status(cell_dir: Path) -> dict[str, Any] | None:
@@ -139,7 +140,6 @@ class SweepTracking(Callback):
     def __init__(self) -> None:
         self.parent_run_id: str | None = None
         self._ended = True  # nothing to close until on_multirun_start created or reopened a parent
-        self._signals = None
 
     @staticmethod
     def _tracking(config: DictConfig) -> DictConfig | None:
@@ -179,9 +179,11 @@ class SweepTracking(Callback):
         from locality.jobs import stop_on_signals
 
         # Signals in the launching process take the same path as in a job: Interrupted, then the
-        # exit hook below marks the parent FAILED naming the signal.
-        self._signals = stop_on_signals()
-        self._signals.__enter__()
+        # exit hook below marks the parent FAILED naming the signal. (Kept out of self: the
+        # submitit launcher pickles the callbacks, and a context manager holds a generator.)
+        global _launcher_signals
+        _launcher_signals = stop_on_signals()
+        _launcher_signals.__enter__()
 
     def _summary(self, config: DictConfig) -> tuple[list[list[str]], list[str]]:
         """The cells of this sweep and a line for each one without a completed (or skipped) status."""
@@ -238,8 +240,10 @@ class SweepTracking(Callback):
         cells, failed = self._summary(config)
         self._close_parent(config, cells, failed)
         self._ended = True
-        if getattr(self, "_signals", None) is not None:
-            self._signals.__exit__(None, None, None)
+        global _launcher_signals
+        if _launcher_signals is not None:
+            _launcher_signals.__exit__(None, None, None)
+            _launcher_signals = None
         if failed:
             rerun = (f"re-run only these cells with the same command plus: hydra.sweep.dir={sweep_dir} "
                      "sweep.skip_completed=true")
