@@ -116,3 +116,10 @@ def test_compare_takes_the_run_apps_keys_and_refuses_unknown_arguments(tmp_path)
     # an absent store is named, not created
     assert main(["--list", f"tracking.uri=sqlite:///{tmp_path}/absent.db"]) == 2
     assert not (tmp_path / "absent.db").exists()
+
+
+def test_a_sweep_with_a_bad_store_stops_before_any_cell(tmp_path):
+    proc = run_app(["--multirun", "model=wiener,nearest_dataset", *SMALL[1:], "tracking.uri=foo://bar"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "no tracking store for the scheme 'foo'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "outputs" / "multiruns").glob("*/*/*_wiener_*"))  # no cell started
