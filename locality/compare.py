@@ -1,7 +1,9 @@
 """``python -m locality.compare SWEEP``: the model × dataset table of a sweep's headline metrics.
 
 SWEEP is a parent run's name or id (``--list`` shows the sweeps). Prints one markdown table per
-metric, saves a heatmap picture per metric, and logs them to the parent run.
+metric, saves a heatmap picture per metric, and logs them to the parent run. The store is
+chosen as in the run app (``tracking.uri=… tracking.experiment=…``, or ``--uri``/``--experiment``);
+any other ``key=value`` argument, or a store that does not exist, is refused (exit status 2).
 """
 
 from __future__ import annotations
@@ -90,10 +92,14 @@ def heatmap(cells, metric: str, title: str, models: list[str], datasets: list[st
     return path
 
 
-def compare(sweep: str, uri: str, experiment: str, out_dir: Path | None, log_to_parent: bool = True) -> str:
-    from mlflow.tracking import MlflowClient
+#: The run app's keys that compare accepts as ``key=value`` arguments, and their option.
+APP_KEYS = {"tracking.uri": "uri", "tracking.experiment": "experiment"}
 
-    client = MlflowClient(tracking_uri=uri)
+
+def compare(sweep: str, uri: str, experiment: str, out_dir: Path | None, log_to_parent: bool = True) -> str:
+    from locality.tracking import open_client
+
+    client = open_client(uri, create=False)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise SystemExit(f"experiment {experiment!r} does not exist in {uri}")
@@ -134,12 +140,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for table.md and the heatmaps "
                         "(default: <sweep dir>/comparison)")
     parser.add_argument("--no-log", action="store_true", help="do not log the pictures to the parent run")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    settings = {}
+    for item in [a for a in argv if "=" in a and not a.startswith("-")]:
+        key, _, value = item.partition("=")
+        if key not in APP_KEYS:
+            parser.error(f"unknown argument {item!r}: compare takes {' and '.join(k + '=…' for k in APP_KEYS)} "
+                         f"(as the run app), --uri or --experiment")
+        settings[APP_KEYS[key]] = value
+        argv.remove(item)
     args = parser.parse_args(argv)
+    for name, value in settings.items():
+        setattr(args, name, value)
     uri = args.uri or default_uri()
-    if args.list:
-        from mlflow.tracking import MlflowClient
+    from locality.tracking import TrackingStoreError, open_client
 
-        client = MlflowClient(tracking_uri=uri)
+    try:
+        client = open_client(uri, create=False)
+    except TrackingStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.list:
         exp = client.get_experiment_by_name(args.experiment)
         runs = list_sweeps(client, exp.experiment_id) if exp else []
         if not runs:

@@ -1,4 +1,6 @@
-"""Writing tensors in [-1, 1] as PNG files and grids (clamped only here, when written out)."""
+"""Writing tensors in [-1, 1] as PNG files and grids (clamped only here, when written out).
+
+PNGs are written atomically: a full disk leaves no truncated picture under a final name."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from locality.atomic import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -32,11 +36,8 @@ def make_grid(images: torch.Tensor, columns: int = 8, padding: int = 2) -> np.nd
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    img.save(path)
-    return path
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def save_grid(images: torch.Tensor, path: str | Path, columns: int = 8) -> Path:

@@ -20,10 +20,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from locality.comparison import require_checkpoint
-from locality.config import get_int, register_resolvers
+from locality.atomic import atomic_torch_save
+from locality.config import check_finite_numbers, get_bool, get_int, register_resolvers
 from locality.devices import resolve_device
-from locality.images import save_grid, save_samples
-from locality.jobs import USER_ERRORS, exit_for_user_error, run_tracked_job
+from locality.images import save_grid
+from locality.images import save_samples as write_samples
+from locality.jobs import USER_ERRORS, run_or_exit, run_tracked_job
 from locality.settings import SamplerSettings, kernel_store_dir, load_training_images, model_params
 from locality.statistics import cached_statistics
 
@@ -40,6 +42,10 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
     from locality.pipeline import sample
 
     sampler = SamplerSettings.from_config(cfg.sampler)
+    save_samples = get_bool(cfg.output, "save_samples", "output")
+    grid_columns = get_int(cfg.output, "grid_columns", "output", minimum=1)
+    progress = get_bool(cfg, "progress", "")
+    check_finite_numbers(cfg.model, "model")
     device = resolve_device(str(cfg.hardware.device))
     if (str(cfg.hardware.device) == "auto" and device.type == "mps"
             and get_model_class(str(cfg.model.name)).float64_accumulation):
@@ -62,7 +68,7 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
         start = time.perf_counter()
         stats, hit = cached_statistics(
             images, cfg.paths.cache_dir, cfg.dataset.name, cfg.dataset.split,
-            images.shape[-1], cfg.dataset.subset_size, progress=bool(cfg.progress),
+            images.shape[-1], cfg.dataset.subset_size, progress=progress,
         )
         metrics["statistics_time_s"] = time.perf_counter() - start
         tracked.set_tags({"statistics_cache": "hit" if hit else "fitted"})
@@ -80,7 +86,7 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
         denoiser, num_samples=sampler.num_samples, image_shape=image_shape,
         num_steps=sampler.num_steps, seed=sampler.seed, batch_size=sampler.batch_size,
         device=device, clip_x0=sampler.clip_x0, keep_trajectory=sampler.save_intermediates,
-        progress=bool(cfg.progress),
+        progress=progress,
         on_step=comparison.on_step if comparison else None, noise=comparison.noise if comparison else None,
     )
     metrics["sampling_time_total_s"] = result.total_time_s
@@ -90,10 +96,10 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
     log.info("sampled %d images in %.2f s (%.3f s per step)", sampler.num_samples,
              result.total_time_s, result.time_per_step_s)
 
-    torch.save(result.samples, out / "samples.pt")
-    if cfg.output.save_samples:
-        save_samples(result.samples, out / "samples")
-    save_grid(result.samples, out / "grid.png", columns=int(cfg.output.grid_columns))
+    atomic_torch_save(result.samples, out / "samples.pt")
+    if save_samples:
+        write_samples(result.samples, out / "samples")
+    save_grid(result.samples, out / "grid.png", columns=grid_columns)
     if sampler.save_intermediates:
         for i, t in enumerate(result.timesteps):
             save_grid(result.x_t[i], out / "intermediates" / "x_t" / f"step_{i:02d}_t{t:04d}.png")
@@ -127,8 +133,8 @@ def setup_comparison(cfg: DictConfig, name: str, params: dict[str, Any], image_s
         log.info("model=unet is the baseline checkpoint %s itself: no comparison with the UNet", path)
         return None
     log.info("%s", notice)
-    unet = UNetDenoiser.from_checkpoint(path, image_shape=image_shape, device=device,
-                                        setting=node.get("setting"))
+    unet = UNetDenoiser.from_checkpoint(path, image_shape=image_shape, device=device, setting=node.get("setting"),
+                                        trust_checkpoint=get_bool(node, "trust_checkpoint", "baseline"))
     noise = initial_noise((sampler.num_samples, *image_shape), torch.Generator().manual_seed(sampler.seed))
     return UNetComparison(unet, noise, ddim_timesteps(sampler.num_steps), clip_x0=sampler.clip_x0,
                           grid_images=get_int(node, "grid_images", "baseline", minimum=0))
@@ -150,30 +156,15 @@ def run(cfg: DictConfig, out: Path, parent_run_id: str | None = None) -> dict[st
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     out = Path(hydra_cfg.runtime.output_dir)
-    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    parent_run_id = None
-    if in_sweep:
-        from locality.sweep import cell_status, find_parent_run
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        # a failed cell is recorded (status.json, MLflow FAILED) and the other cells go on; the
+        # sweep's end names the failed cells and exits non-zero
+        from locality.sweep import run_cell
 
-        previous = cell_status(out)
-        if cfg.sweep.skip_completed and previous and previous.get("status") == "completed":
-            log.info("sweep.skip_completed: %s already completed (MLflow run %s), skipped",
-                     out.name, previous.get("run_id"))
-            return None
-        if cfg.tracking.enabled:
-            parent_run_id = find_parent_run(str(cfg.tracking.uri), str(cfg.tracking.experiment), out.parent)
-    try:
-        metrics = run(cfg, out, parent_run_id)
-    except Exception as exc:
-        # In a sweep, a failed cell is recorded (status.json, MLflow FAILED) and the other cells
-        # go on; the sweep's end names the failed cells and exits non-zero.
-        if not in_sweep and isinstance(exc, USER_ERRORS):
-            exit_for_user_error("locality.run", exc, out)
-        if not in_sweep:
-            raise
-        log.error("cell failed: %s", exc, exc_info=not isinstance(exc, USER_ERRORS))
-        return None
-    return metrics.get("sampling_time_total_s")
+        metrics = run_cell(cfg, out, run, USER_ERRORS)
+    else:
+        metrics = run_or_exit("locality.run", lambda: run(cfg, out), out)
+    return metrics.get("sampling_time_total_s") if metrics else None
 
 
 if __name__ == "__main__":

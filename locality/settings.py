@@ -69,6 +69,8 @@ def model_params(node: Any, device: torch.device, kernel_store: Path | None = No
         get_choice(node, "dense_kernel", "model", DENSE_KERNELS)
     if "chunk_size" in params:
         get_int(node, "chunk_size", "model", minimum=1, optional=True)
+    if "trust_checkpoint" in params:
+        get_bool(node, "trust_checkpoint", "model")
     for key in ("temperature", "mask_threshold"):
         if key in params and (isinstance(params[key], bool) or not isinstance(params[key], (int, float))):
             raise ConfigError(f"model.{key} must be a number, got {params[key]!r}")
@@ -92,7 +94,7 @@ def load_training_images(cfg: DictConfig, subset: tuple[Any, str] | None = None)
         resolution=get_int(ds, "resolution", "dataset", minimum=1, optional=True),
         subset_size=get_int(node, "subset_size", prefix, minimum=1, optional=True),
         download=get_bool(ds, "download", "dataset"),
-        progress=bool(cfg.progress),
+        progress=get_bool(cfg, "progress", ""),
         # image folders: decoded pixels kept under paths.cache_dir (dataset.cache_decoded)
         cache_dir=cfg.paths.cache_dir if "cache_decoded" in ds and get_bool(ds, "cache_decoded", "dataset") else None,
     )

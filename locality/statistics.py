@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from locality.atomic import atomic_torch_save, write_cache_or_warn
+from locality.resources import require_memory
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,11 @@ def fit_statistics(
     device = images.device
     if device.type == "mps" and dtype == torch.float64:
         device = torch.device("cpu")  # MPS has no float64
+    # the covariance, its conditioned copy, eigh's eigenvectors and workspace: 4 n×n matrices
+    require_memory(4 * n * n * torch.finfo(dtype).bits // 8,
+                   f"the statistics of {c}×{h}×{w} images ({n} values each: a {n}×{n} covariance and its "
+                   f"eigendecomposition in {str(dtype).removeprefix('torch.')})",
+                   "use a smaller dataset.resolution", device)
     starts = range(0, num, chunk_size)
     if progress:
         from tqdm.auto import tqdm

@@ -11,16 +11,23 @@ launching process:
   FAILED, logs the failed cells with their errors and exits with status 1, after every
   cell had its chance.
 
+* A sweep that stops before ``on_multirun_end`` (a Hydra error composing a later cell, a
+  submission that fails, a stop signal) still marks its parent FAILED, with the cell counts, at
+  the exit of the launching process.
+
 A re-run with ``hydra.sweep.dir=<that sweep's dir> sweep.skip_completed=true`` reuses the
-parent and runs only the cells without a completed ``status.json``.
+parent and runs only the cells without a completed ``status.json`` whose config.yaml matches
+the cell's config now (a cell completed with other values is run again, with a warning).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +35,9 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 SWEEP_DIR_TAG = "locality.sweep_dir"
+#: Keys that do not change a cell's results: a completed cell differing only in them is skipped.
+UNCOMPARED_KEYS = ("sweep", "progress", "output.overwrite")
+_launcher_signals: Any = None  # the stop-signal handlers of the launching process, while a sweep runs
 
 
 def cell_status(cell_dir: Path) -> dict[str, Any] | None:
@@ -39,11 +49,56 @@ def cell_status(cell_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def config_changes(cfg: DictConfig, cell_dir: Path, limit: int = 5) -> list[str]:
+    """``key: old -> new`` for every value of ``cfg`` that differs from the cell's config.yaml
+    (keys of :data:`UNCOMPARED_KEYS` aside); ``["config.yaml unreadable"]`` if it cannot be read."""
+    from locality.tracking import flatten
+
+    try:
+        before = flatten(OmegaConf.to_container(OmegaConf.load(cell_dir / "config.yaml")))
+    except Exception:  # noqa: BLE001 - a missing or damaged file: the cell cannot be trusted
+        return ["config.yaml unreadable"]
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
+
+    def kept(key: str) -> bool:
+        return not any(key == k or key.startswith(k + ".") for k in UNCOMPARED_KEYS)
+
+    changed = [f"{k}: {before.get(k, '(absent)')} -> {now.get(k, '(absent)')}"
+               for k in sorted(set(before) | set(now)) if kept(k) and before.get(k) != now.get(k)]
+    return changed[:limit] + ([f"… {len(changed) - limit} more"] if len(changed) > limit else [])
+
+
+def run_cell(cfg: DictConfig, out: Path, run: Callable[[DictConfig, Path, str | None], dict[str, Any]],
+             user_errors: tuple[type[BaseException], ...]) -> dict[str, Any] | None:
+    """One cell of a sweep: skipped when it completed with this config (sweep.skip_completed),
+    else ``run(cfg, out, parent_run_id)``. A failure is logged and gives None, so the other cells
+    go on (the sweep's end names it); a stop signal ends the sweep."""
+    from locality.config import get_bool
+
+    try:
+        previous = cell_status(out)
+        if get_bool(cfg.sweep, "skip_completed", "sweep") and previous and previous.get("status") == "completed":
+            changes = config_changes(cfg, out)
+            if not changes:
+                log.info("sweep.skip_completed: %s already completed (MLflow run %s), skipped",
+                         out.name, previous.get("run_id"))
+                return None
+            log.warning("sweep.skip_completed: %s completed with another config (%s); running it again",
+                        out.name, "; ".join(changes))
+        parent_run_id = None
+        if get_bool(cfg.tracking, "enabled", "tracking"):
+            parent_run_id = find_parent_run(str(cfg.tracking.uri), str(cfg.tracking.experiment), out.parent)
+        return run(cfg, out, parent_run_id)
+    except Exception as exc:
+        log.error("cell failed: %s", exc, exc_info=not isinstance(exc, user_errors))
+        return None
+
+
 def find_parent_run(uri: str, experiment: str, sweep_dir: Path) -> str | None:
     """The id of the parent run of the sweep in ``sweep_dir`` (None if there is none)."""
-    from mlflow.tracking import MlflowClient
+    from locality.tracking import open_client
 
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
@@ -84,6 +139,7 @@ class SweepTracking(Callback):
 
     def __init__(self) -> None:
         self.parent_run_id: str | None = None
+        self._ended = True  # nothing to close until on_multirun_start created or reopened a parent
 
     @staticmethod
     def _tracking(config: DictConfig) -> DictConfig | None:
@@ -95,13 +151,15 @@ class SweepTracking(Callback):
         tracking = self._tracking(config)
         if tracking is None:
             return
-        from mlflow.tracking import MlflowClient
+        from locality.jobs import refuse
+        from locality.tracking import TrackingStoreError, open_client, prepare_store
 
-        from locality.tracking import prepare_store
-
-        experiment_id = prepare_store(str(tracking.uri), str(tracking.experiment),
-                                      tracking.get("artifact_location"))
-        client = MlflowClient(tracking_uri=str(tracking.uri))
+        try:
+            experiment_id = prepare_store(str(tracking.uri), str(tracking.experiment),
+                                          tracking.get("artifact_location"))
+        except TrackingStoreError as e:
+            refuse(str(e))
+        client = open_client(str(tracking.uri))
         self.parent_run_id = find_parent_run(str(tracking.uri), str(tracking.experiment), sweep_dir)
         if self.parent_run_id is None:
             name = config.sweep.name or f"{sweep_dir.parent.name}_{sweep_dir.name}"
@@ -113,12 +171,26 @@ class SweepTracking(Callback):
             log.info("sweep %s: MLflow parent run %s", name, self.parent_run_id)
         else:
             client.update_run(self.parent_run_id, status="RUNNING")
+            if "error" in client.get_run(self.parent_run_id).data.tags:  # of an earlier, aborted attempt
+                client.delete_tag(self.parent_run_id, "error")
             log.info("sweep %s: reusing MLflow parent run %s", sweep_dir.name, self.parent_run_id)
+        self._ended = False
+        atexit.register(self._fail_if_unfinished, config)
+        from locality.jobs import stop_on_signals
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # Signals in the launching process take the same path as in a job: Interrupted, then the
+        # exit hook below marks the parent FAILED naming the signal. (Kept out of self: the
+        # submitit launcher pickles the callbacks, and a context manager holds a generator.)
+        global _launcher_signals
+        _launcher_signals = stop_on_signals()
+        _launcher_signals.__enter__()
+
+    def _summary(self, config: DictConfig) -> tuple[list[list[str]], list[str]]:
+        """The cells of this sweep and a line for each one without a completed (or skipped) status."""
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         cells = expected_cells(config)
-        subdirs = {p.name.split("_", 1)[0]: p for p in sweep_dir.iterdir() if p.is_dir() and p.name[0].isdigit()}
+        subdirs = ({p.name.split("_", 1)[0]: p for p in sweep_dir.iterdir() if p.is_dir() and p.name[0].isdigit()}
+                   if sweep_dir.is_dir() else {})
         varying = _varying_keys(cells)
         failed: list[str] = []
         for num, overrides in enumerate(cells):
@@ -128,14 +200,50 @@ class SweepTracking(Callback):
                 reason = status.get("error", "failed") if status else "no status.json (the job never finished)"
                 label = " ".join(o for o in overrides if o.split("=", 1)[0] in varying)
                 failed.append(f"#{num} {label} ({cell_dir or 'no output directory'}): {reason}")
-        tracking = self._tracking(config)
-        if tracking is not None and self.parent_run_id:
-            from mlflow.tracking import MlflowClient
+        return cells, failed
 
-            client = MlflowClient(tracking_uri=str(tracking.uri))
-            client.set_tag(self.parent_run_id, "cells", str(len(cells)))
-            client.set_tag(self.parent_run_id, "failed_cells", str(len(failed)))
-            client.set_terminated(self.parent_run_id, "FAILED" if failed else "FINISHED")
+    def _close_parent(self, config: DictConfig, cells: list, failed: list, error: str | None = None) -> None:
+        tracking = self._tracking(config)
+        if tracking is None or not self.parent_run_id:
+            return
+        from locality.tracking import open_client
+
+        client = open_client(str(tracking.uri))
+        client.set_tag(self.parent_run_id, "cells", str(len(cells)))
+        client.set_tag(self.parent_run_id, "failed_cells", str(len(failed)))
+        if error:
+            client.set_tag(self.parent_run_id, "error", error[:5000])
+        client.set_terminated(self.parent_run_id, "FAILED" if failed or error else "FINISHED")
+
+    def _fail_if_unfinished(self, config: DictConfig) -> None:
+        """At the exit of a sweep that never reached on_multirun_end: parent FAILED, cells counted."""
+        if self._ended:
+            return
+        from locality import jobs
+
+        try:
+            cells, failed = self._summary(config)
+        except Exception:  # noqa: BLE001 - the cells could not be listed: the parent is failed anyway
+            cells, failed = [], []
+        why = (f"stopped by {signal.Signals(jobs.received_signal).name}" if jobs.received_signal
+               else "a Hydra error composing a cell, a failed submission or a crash of the launching process; "
+                    "see the command's output")
+        error = f"the sweep stopped before all cells had run ({why})"
+        try:
+            self._close_parent(config, cells, failed, error)
+            log.error("%s; parent run %s marked FAILED", error, self.parent_run_id)
+        except Exception as e:  # noqa: BLE001
+            log.error("%s, and the parent run %s could not be marked FAILED (%s)", error, self.parent_run_id, e)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        cells, failed = self._summary(config)
+        self._close_parent(config, cells, failed)
+        self._ended = True
+        global _launcher_signals
+        if _launcher_signals is not None:
+            _launcher_signals.__exit__(None, None, None)
+            _launcher_signals = None
         if failed:
             rerun = (f"re-run only these cells with the same command plus: hydra.sweep.dir={sweep_dir} "
                      "sweep.skip_completed=true")

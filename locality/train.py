@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from locality.config import ConfigError, get_bool, get_float, get_int, register_resolvers
 from locality.devices import resolve_device
-from locality.jobs import USER_ERRORS, exit_for_user_error, run_tracked_job
+from locality.jobs import run_or_exit, run_tracked_job
 from locality.settings import load_training_images
 
 register_resolvers()
@@ -119,7 +119,7 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
         log_fn=lambda metrics, step: tracked.log_metrics(metrics, step=step),
         log_every=get_int(t, "log_every", "train", minimum=1),
         sample_fn=make_sample_fn(out, tracked, t.samples, (C, H, W), device),
-        progress=bool(cfg.progress),
+        progress=get_bool(cfg, "progress", ""),
         max_steps=get_int(t, "max_steps", "train", minimum=1, optional=True),
         weights_dtype=WEIGHTS_DTYPES[weights],
     )
@@ -147,11 +147,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     out = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        metrics = run(cfg, out)
-    except USER_ERRORS as exc:
-        exit_for_user_error("locality.train", exc, out)
-    return metrics.get("final_loss")
+    return run_or_exit("locality.train", lambda: run(cfg, out), out).get("final_loss")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, from the repository root on a CUDA machine: the Fashion-MNIST benchmark, the
 # CUDA tests (pytest -m cuda) and the proxy benchmarks (scripts/gpu_check.py; its --probe, the
-# bf16x6 precision probe, runs with PROBE=1; its --kernels tables of single steps with KERNELS=1); logs and JSON go to $OUT (default outputs/gpu_check). Optional inputs beside the checkout, for a machine
+# bf16x6 precision probe, runs with PROBE=1); logs and JSON go to $OUT (default outputs/gpu_check).
+# Optional inputs beside the checkout, for a machine
 # without network or Hydra: .whl/ (wheels of hydra-core, omegaconf, antlr4 to install),
 # .devdata/fashion-mnist (the IDX files) and .devdata/reference (../shared/reference).
 set -o pipefail
@@ -18,7 +19,6 @@ if [ -d .devdata/fashion-mnist ] && [ ! -e /usr/share/datasets/fashion-mnist ]; 
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 [ "${PROBE:-0}" = 1 ] && python3 scripts/gpu_check.py "$OUT" --probe 2>&1 | tee "$OUT/probe.log"
-[ "${KERNELS:-0}" = 1 ] && python3 scripts/gpu_check.py "$OUT" --kernels 2>&1 | tee "$OUT/kernels.log"
 python3 scripts/gpu_check.py "$OUT" --fmnist 2>&1 | tee "$OUT/bench_fmnist.log"
 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log"
 python3 scripts/gpu_check.py "$OUT" --large 2>&1 | tee "$OUT/bench_large.log"

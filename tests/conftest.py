@@ -58,9 +58,9 @@ def fmnist_crop16(fmnist_train) -> torch.Tensor:
     return fmnist_train[:1000, :, 6:22, 6:22].contiguous()
 
 
-def run_app(args: list[str], tmp: Path, module: str = "locality.run", timeout: int = 300,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run an entry point in a subprocess with outputs, caches and MLflow under ``tmp``."""
+def app_command(args: list[str], tmp: Path, module: str = "locality.run",
+                env: dict | None = None) -> tuple[list[str], dict]:
+    """The command line and environment of an entry point with outputs, caches and MLflow under ``tmp``."""
     base = [
         f"paths.output_dir={tmp}/outputs",
         f"paths.data_dir={tmp}/data",
@@ -70,7 +70,11 @@ def run_app(args: list[str], tmp: Path, module: str = "locality.run", timeout: i
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
     flags = [a for a in args if a.startswith("--")]  # Hydra's flags go before the overrides
     overrides = [a for a in args if not a.startswith("--")]
-    return subprocess.run(
-        [sys.executable, "-m", module, *flags, *base, *overrides], cwd=tmp, capture_output=True, text=True,
-        timeout=timeout, env=full_env,
-    )
+    return [sys.executable, "-m", module, *flags, *base, *overrides], full_env
+
+
+def run_app(args: list[str], tmp: Path, module: str = "locality.run", timeout: int = 300,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run an entry point in a subprocess with outputs, caches and MLflow under ``tmp``."""
+    command, full_env = app_command(args, tmp, module, env)
+    return subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -13,7 +13,6 @@ import torch
 
 from locality.benchmarking import BenchSettings, benchmark
 from locality.data.synthetic import natural_image_proxy
-from locality.statistics import fit_statistics
 
 
 @pytest.mark.slow

@@ -387,6 +387,7 @@ def test_folder_missing_message(tmp_path, name):
     msg = str(info.value)
     assert str(tmp_path / name / "train") in msg
     assert "no automatic download" in msg and f"dataset={name}" in msg and "dataset.root=" in msg
+    assert f"or directly in {tmp_path / name}/" in msg  # the flat layout the README allows
     assert not _NoNetwork.calls
 
 
@@ -509,3 +510,21 @@ def test_folder_decoded_cache_unwritable_is_a_warning(tmp_path, caplog):
         x = load_dataset("afhq", tmp_path, resolution=8, progress=False, cache_dir=blocked)
     assert torch.equal(x, expected_unit_range(np.stack([p.transpose(2, 0, 1) for _, p in written])))
     assert "could not write the decoded cache" in caplog.text
+
+
+def test_a_resolution_too_large_for_memory_is_refused_before_allocating(tmp_path, monkeypatch):
+    """The bytes needed and available are named, with the fix, instead of a failure inside torch."""
+    import locality.models.memory as memory
+    from locality.data.common import resize_uint8_batch
+    from locality.resources import InsufficientMemoryError
+
+    write_image_folder(tmp_path / "celeba_hq" / "train", n=3, size=8)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 100_000)
+    with pytest.raises(InsufficientMemoryError, match=r"loading 3 images of celeba_hq at 3×400×400 .* needs about "
+                                                      r".* \(7200000 bytes\) .* \(100000 bytes\) are available.*"
+                                                      r"dataset.resolution"):
+        load_dataset("celeba_hq", tmp_path, resolution=400)
+    idx = torch.zeros(10, 1, 28, 28, dtype=torch.uint8)
+    with pytest.raises(InsufficientMemoryError, match=r"10 images .* 1×400×400"):
+        resize_uint8_batch(idx, 400)
+

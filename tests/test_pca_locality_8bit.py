@@ -237,8 +237,6 @@ def test_bf16x3_on_real_fmnist_crop_and_sample_groups(fmnist_crop12, monkeypatch
     whole = model(x, 600).double().reshape(3, -1)
     assert model.last_kernel == "bf16x3"
     assert (whole - want).abs().max() < 1e-4
-    import locality.models.pca_locality.int8 as int8
-
     import locality.models.pca_locality.bf16 as bf16
 
     monkeypatch.setattr(bf16, "memory_budget", lambda device: 28 * 144 * 144)  # one sample a group

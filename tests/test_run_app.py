@@ -175,3 +175,52 @@ def test_image_folder_dataset_runs_and_keeps_its_decoded_pixels(tmp_path):
     proc = run_app([*args, "dataset.cache_decoded=false"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not kept.exists()
+
+
+def test_a_directory_holding_a_finished_run_is_refused_unless_overwritten(tmp_path):
+    run_dir = tmp_path / "earlier_run"
+    args = ["model=wiener", *SMALL, "tracking.enabled=false", f"hydra.run.dir={run_dir}"]
+    assert run_app(args, tmp_path).returncode == 0
+    kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = run_app([*args, "sampler.seed=7"], tmp_path)
+    assert proc.returncode == 2 and "holds a finished run" in proc.stderr and "output.overwrite=true" in proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == kept  # not a byte changed
+    proc = run_app([*args, "sampler.seed=7", "output.overwrite=true"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run_dir / "samples.pt").read_bytes() != kept[run_dir / "samples.pt"]
+    assert "seed: 7" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("output.save_samples=no", "output.save_samples must be true or false, got 'no'"),
+    ("output.grid_columns=0", "output.grid_columns must be ≥ 1, got 0"),
+    ("model.temperature=inf", "model.temperature must be a finite number, got inf"),
+    ("progress=yes", "progress must be true or false, got 'yes'"),
+])
+def test_values_of_the_wrong_kind_are_refused_before_any_work(tmp_path, override, message):
+    proc = run_app(["model=pca_locality", *SMALL, override], tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    out = single_run_dir(tmp_path)
+    assert json.loads((out / "status.json").read_text())["status"] == "failed"
+    assert not (out / "samples.pt").exists()
+
+
+def test_a_checkpoint_that_pickles_code_is_refused_unless_trusted(tmp_path):
+    import torch
+
+    from locality.unet.network import UNet
+    from test_unet import TINY, Payload
+
+    marker = tmp_path / "payload_ran"
+    net = UNet(**TINY)
+    evil = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": net.state_dict(), "unet_config": dict(net.config), "x": Payload(marker)}, evil)
+    for args in (["model=wiener", f"baseline.checkpoint={evil}"], ["model=unet", f"model.checkpoint={evil}"]):
+        proc = run_app([*args, *SMALL, "tracking.enabled=false"], tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "could run code" in proc.stderr and "trust_checkpoint=true" in proc.stderr
+        assert not marker.exists()  # nothing in the file ran
+    proc = run_app(["model=unet", f"model.checkpoint={evil}", "++model.trust_checkpoint=true", *SMALL,
+                    "tracking.enabled=false", "baseline.checkpoint=null"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert marker.exists()  # the explicit opt-in unpickles everything, as documented

@@ -96,3 +96,16 @@ def test_fit_rejects_bad_shapes():
         fit_statistics(torch.zeros(4, 9), progress=False)
     with pytest.raises(ValueError, match="at least 2"):
         fit_statistics(torch.zeros(1, 1, 2, 2), progress=False)
+
+
+def test_statistics_too_large_for_memory_are_refused_before_allocating(monkeypatch):
+    """dataset.resolution=400 on Fashion-MNIST wanted a 205 GB covariance: the error names it."""
+    import locality.models.memory as memory
+    from locality.resources import InsufficientMemoryError
+
+    monkeypatch.setattr(memory, "available_memory", lambda device: 12 * 2**30)
+    big = torch.zeros(2, 1, 400, 400)  # 160 000 values: 4 float64 160 000² matrices
+    with pytest.raises(InsufficientMemoryError, match=r"1×400×400 images \(160000 values each.* needs about "
+                                                      r"762\.9 GiB \(819200000000 bytes\).*12\.0 GiB.*dataset.resolution"):
+        fit_statistics(big, progress=False)
+

@@ -202,3 +202,22 @@ def test_sweep_through_a_real_slurm_cluster(tmp_path):
     assert compare.returncode == 0, compare.stderr
     print(compare.stdout)
     assert "| pca_locality |" in compare.stdout and "| wiener |" in compare.stdout
+
+
+def test_skip_completed_runs_again_a_cell_whose_config_changed(tmp_path):
+    grid = ["--multirun", "model=wiener,nearest_dataset", *TINY, "hardware=cpu", "tracking.enabled=false"]
+    assert run_app(grid, tmp_path).returncode == 0
+    sweep = sweep_dir(tmp_path)
+    again = [*grid, f"hydra.sweep.dir={sweep}"]
+    proc = run_app(again, tmp_path)  # neither skip_completed nor overwrite: the finished cells are kept
+    assert proc.returncode == 2 and "holds 2 finished cell(s)" in proc.stderr and "sweep.skip_completed=true" in proc.stderr
+    before = (sweep / "1_nearest_dataset_fashion_mnist" / "samples.pt").stat().st_mtime_ns
+    proc = run_app([*again, "sweep.skip_completed=true", "sampler.num_steps=3"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert text.count("completed with another config (sampler.num_steps: 2 -> 3)") == 2
+    assert "already completed" not in text
+    assert (sweep / "1_nearest_dataset_fashion_mnist" / "samples.pt").stat().st_mtime_ns != before
+    assert "num_steps: 3" in (sweep / "0_wiener_fashion_mnist" / "config.yaml").read_text()
+    proc = run_app([*again, "sweep.skip_completed=true", "sampler.num_steps=3"], tmp_path)
+    assert proc.returncode == 0 and (proc.stdout + proc.stderr).count("already completed") == 2

@@ -46,6 +46,14 @@ def test_train_config_groups() -> None:
         unet_architecture(OmegaConf.create({"unet": "auto"}), "other", 1)
 
 
+def test_quick_cpu_takes_dataset_subset_size_from_the_command_line() -> None:
+    """The preset's 10 000 images are a default: dataset.subset_size=200 trains on 200."""
+    assert _compose(["train=quick_cpu"]).train.subset_size == 10000
+    assert _compose(["train=quick_cpu", "dataset.subset_size=200"]).train.subset_size == 200
+    assert _compose(["train=quick_cpu", "train.subset_size=300"]).train.subset_size == 300
+    assert _compose([]).train.subset_size is None  # the default recipe: all images
+
+
 def _train(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(

@@ -14,7 +14,9 @@ from locality.schedule import alphas_cumprod
 from locality.unet.checkpoint import (
     CheckpointFormatError,
     CheckpointMismatchError,
+    UntrustedCheckpointError,
     load_unet_checkpoint,
+    read_checkpoint,
     save_unet_checkpoint,
 )
 from conftest import reference_dir, require_reference
@@ -297,15 +299,27 @@ def test_download_success_via_file_url(tmp_path: Path) -> None:
     assert script.checkpoint_path(root, "fashion_mnist").with_suffix(".pt.invalid").exists()
 
 
-class _Opaque:
-    """A pickled object that weights_only loading refuses."""
+class Payload:
+    """Unpickling this creates ``marker``: stands for a pickle whose __reduce__ runs any code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
 
 
-def test_full_unpickle_fallback_warns(tmp_path: Path, small_net: UNet) -> None:
+def test_a_checkpoint_that_pickles_code_is_refused_unless_trusted(tmp_path: Path, small_net: UNet) -> None:
+    marker = tmp_path / "payload_ran"
     path = tmp_path / "pickled.pt"
-    torch.save({"model_state_dict": small_net.state_dict(), "args": _Opaque()}, path)
-    with pytest.warns(UserWarning, match="unpickling it fully"):
-        model = load_unet_checkpoint(path)
+    torch.save({"model_state_dict": small_net.state_dict(), "args": Payload(marker)}, path)
+    with pytest.raises(UntrustedCheckpointError, match="could run code.*trust_checkpoint=true"):
+        load_unet_checkpoint(path)
+    with pytest.raises(UntrustedCheckpointError):
+        read_checkpoint(path)
+    assert not marker.exists()  # refused before any of it ran
+    model = load_unet_checkpoint(path, trust_checkpoint=True)  # the explicit opt-in unpickles it all
+    assert marker.exists()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in small_net.state_dict().items())
-    with pytest.raises(CheckpointFormatError):
-        load_unet_checkpoint(path, weights_only=True)
+    with pytest.raises(ValueError, match="trust_checkpoint must be true or false"):
+        read_checkpoint(path, trust_checkpoint="yes")

@@ -14,6 +14,8 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
+from locality.resources import require_memory
+
 #: Images resized per call in :func:`resize_uint8_batch` (bounds the float32 working memory).
 RESIZE_CHUNK = 2048
 
@@ -86,6 +88,14 @@ def check_subset_size(name: str, split: str, subset_size: int | None, n_total: i
     return subset_size
 
 
+def require_image_memory(name: str, n: int, channels: int, resolution: int) -> None:
+    """Refuse, before allocating, ``n`` images that cannot be held: their uint8 pixels and the
+    float32 [-1, 1] copy handed to the rest of the code (5 bytes a value)."""
+    require_memory(n * channels * resolution * resolution * 5,
+                   f"loading {n} images of {name} at {channels}×{resolution}×{resolution} (uint8 pixels and "
+                   f"their float32 copy)", "use a smaller dataset.resolution or dataset.subset_size")
+
+
 def resize_uint8_batch(images: torch.Tensor, resolution: int) -> torch.Tensor:
     """Resize square ``uint8 [N, C, H, W]`` images to ``uint8 [N, C, r, r]``.
 
@@ -99,6 +109,7 @@ def resize_uint8_batch(images: torch.Tensor, resolution: int) -> torch.Tensor:
     if images.shape[-2:] == (resolution, resolution):
         return images
     n, c = images.shape[:2]
+    require_image_memory("the dataset", n, c, resolution)
     out = torch.empty((n, c, resolution, resolution), dtype=torch.uint8)
     for start in range(0, n, RESIZE_CHUNK):
         chunk = images[start : start + RESIZE_CHUNK]

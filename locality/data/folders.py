@@ -43,7 +43,7 @@ from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
 from locality.atomic import atomic_torch_save, write_cache_or_warn
-from locality.data.common import LoadRequest, check_subset_size, not_found
+from locality.data.common import LoadRequest, check_subset_size, not_found, require_image_memory
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,10 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
 
 def _layout_text(req: LoadRequest) -> str:
     example = "{cat,dog,wild}/*.png" if req.name == "afhq" else "**/*.jpg"
-    return f"{req.root / req.name / req.split}/{example}"
+    layout = f"{req.root / req.name / req.split}/{example}"
+    if req.split == "train":  # the flat layout: no split folders, the images right in <name>/
+        layout += f", or directly in {req.root / req.name}/ (any subfolders; used as the train split)"
+    return layout
 
 
 def _how(req: LoadRequest) -> str:
@@ -166,6 +169,7 @@ def load_image_folder(req: LoadRequest) -> torch.Tensor:
         raise not_found(req.name, what, looked_in, _how(req))
 
     n = check_subset_size(req.name, req.split, req.subset_size, len(files))
+    require_image_memory(req.name, n, 3, req.resolution)
     files = files[:n]
     shape = (n, 3, req.resolution, req.resolution)
     cache = None

@@ -19,7 +19,6 @@ Key prefixes ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) a
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -65,12 +64,20 @@ def _listing(items: list[str]) -> str:
     return shown + (f", … and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool | None = None) -> Any:
+class UntrustedCheckpointError(CheckpointFormatError):
+    """The file pickles Python objects besides tensors; unpickling them could run code."""
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", trust_checkpoint: bool = False) -> Any:
     """``torch.load`` with clear errors for a missing path and for files that are no checkpoint.
 
-    ``weights_only=None`` first tries the safe ``weights_only=True`` and, if the file needs arbitrary
-    pickled objects, falls back to a full unpickle with a warning (only load files you trust).
+    Reads with ``weights_only=True`` (tensors and plain containers: loading runs no code). A file
+    that needs more is refused with :class:`UntrustedCheckpointError` unless ``trust_checkpoint``
+    is True, which unpickles it fully: a pickle's ``__reduce__`` can run any code, so only for a
+    file whose origin you trust.
     """
+    if not isinstance(trust_checkpoint, bool):
+        raise ValueError(f"trust_checkpoint must be true or false, got {trust_checkpoint!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -80,16 +87,18 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_
     if not path.is_file():
         raise CheckpointFormatError(f"UNet checkpoint path is not a file: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only is not False)
+        return torch.load(path, map_location=map_location, weights_only=not trust_checkpoint)
     except Exception as e:  # noqa: BLE001 - torch.load fails in many ways (Unpickling/Runtime/Index/EOF…)
-        # weights_only refusals say "Weights only load failed": the file is a checkpoint that
-        # pickles more than tensors and plain containers.
-        if not (weights_only is None and "weights only load failed" in str(e).lower()):
-            raise CheckpointFormatError(f"{path} is not a readable PyTorch checkpoint: {type(e).__name__}: {e}") from e
-    warnings.warn(f"{path}: not loadable with weights_only=True; unpickling it fully", stacklevel=2)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001
+        # weights_only refusals say "Weights only load failed": a checkpoint that pickles more
+        # than tensors and plain containers.
+        if not trust_checkpoint and "weights only load failed" in str(e).lower():
+            found = str(e).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0].split(". Please")[0][:200]
+            raise UntrustedCheckpointError(
+                f"{path} holds pickled Python objects besides tensors ({found}); loading them could run code "
+                f"in the file, so it is refused. If you trust where it comes from, allow it with "
+                f"baseline.trust_checkpoint=true (model.trust_checkpoint=true for model=unet), or re-save "
+                f"only its weights (torch.save({{'model_state_dict': ...}}, path))"
+            ) from e
         raise CheckpointFormatError(f"{path} is not a readable PyTorch checkpoint: {type(e).__name__}: {e}") from e
 
 
@@ -156,7 +165,7 @@ def load_unet_checkpoint(
     dataset: str | None = None,
     map_location: Any = "cpu",
     *,
-    weights_only: bool | None = None,
+    trust_checkpoint: bool = False,
 ) -> UNet:
     """Build the UNet a checkpoint was saved from and load its weights (strict), in eval mode.
 
@@ -167,10 +176,11 @@ def load_unet_checkpoint(
     Raises:
         FileNotFoundError: no file at ``path``.
         CheckpointFormatError: not a PyTorch checkpoint / no state dict inside.
+        UntrustedCheckpointError: it pickles more than tensors and ``trust_checkpoint`` is False.
         CheckpointMismatchError: the weights do not fit the expected UNet.
         ValueError: unknown setting or dataset name.
     """
-    obj = read_checkpoint(path, map_location=map_location, weights_only=weights_only)
+    obj = read_checkpoint(path, map_location=map_location, trust_checkpoint=trust_checkpoint)
     source = f"checkpoint {path}"
     sd = extract_state_dict(obj, source)
     if setting is not None or dataset is not None:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 
 from locality.models.memory import available_memory, chunk_rows, memory_budget
-from locality.models.pca_locality.float_gemm import dense_logit_error_estimate
+from locality.models.pca_locality.float_gemm import float_precision
 from locality.models.pca_locality.kernel import Kernel, Precision, Step
 from locality.models.pca_locality.plan import MaskPlan
-from locality.models.pca_locality.selection import KERNEL_ROUNDING_FACTOR, LOGIT_TOLERANCE, bf16_gemm_is_native
+from locality.models.pca_locality.selection import bf16_gemm_is_native
 from locality.models.softmax import softmax_average_in_groups
 
 
@@ -259,10 +259,7 @@ class Bf16x6Kernel(_Bf16Kernel):
     def precision(self, step: Step, dtypes: tuple[torch.dtype, ...]) -> Precision | None:
         if torch.float32 not in dtypes:
             return None
-        x_abs_max = float((step.x64 - step.a * self.images.mean64).abs().max())
-        estimate = dense_logit_error_estimate(step.plan, step.abar, step.scale, x_abs_max, self.images.y_abs_max,
-                                              torch.float32)
-        return Precision(torch.float32) if estimate * KERNEL_ROUNDING_FACTOR[self.name] <= LOGIT_TOLERANCE else None
+        return float_precision(self.name, step, self.images.mean64, self.images.y_abs_max, torch.float32)
 
     def build(self, count: int) -> SplitImages:
         return SplitImages(self.images.values[:count], self.images.mean64)
@@ -299,10 +296,7 @@ class Bf16x3Kernel(_Bf16Kernel):
         if torch.float32 not in dtypes:
             return None
         centre, y_abs_max = self.centre()
-        offset = (2 * centre - 255) / 255
-        x_abs_max = float((step.x64 - step.a * offset).abs().max())
-        estimate = dense_logit_error_estimate(step.plan, step.abar, step.scale, x_abs_max, y_abs_max, torch.float32)
-        return Precision(torch.float32) if estimate * KERNEL_ROUNDING_FACTOR[self.name] <= LOGIT_TOLERANCE else None
+        return float_precision(self.name, step, (2 * centre - 255) / 255, y_abs_max, torch.float32)
 
     def build(self, count: int) -> tuple[Bf16CodeImages, torch.Tensor]:
         return Bf16CodeImages(self.images.codes()[:count], self.centre()[0]), self.images.values[:count]

@@ -36,6 +36,16 @@ def dense_logit_error_estimate(plan: MaskPlan, abar: float, scale: float, x_abs_
     return unit * scale * term * plan.max_column_abs_sum / math.sqrt(max(plan.max_column_nnz, 1))
 
 
+def float_precision(name: str, step: Step, offset: torch.Tensor, y_abs_max: float,
+                    dtype: torch.dtype) -> Precision | None:
+    """Precision(dtype) where the expanded logits of kernel ``name``, centred on ``offset`` [n]
+    (|y - offset| ≤ ``y_abs_max``), stay within the tolerance: the rounding estimate times the
+    kernel's rounding factor. None otherwise."""
+    x_abs_max = float((step.x64 - step.a * offset).abs().max())
+    estimate = dense_logit_error_estimate(step.plan, step.abar, step.scale, x_abs_max, y_abs_max, dtype)
+    return Precision(dtype) if estimate * KERNEL_ROUNDING_FACTOR[name] <= LOGIT_TOLERANCE else None
+
+
 def dense_logits(x_c: torch.Tensor, y_c: torch.Tensor, mask_t: torch.Tensor, a: float,
                  scale: float, workspace: Workspace | None = None) -> torch.Tensor:
     """Expanded-form logits [n_out, B, K] (up to a per-(m, b) constant), pixel-major, for
@@ -91,10 +101,7 @@ class FloatGemmKernel(Kernel):
     def precision(self, step: Step, dtypes: tuple[torch.dtype, ...]) -> Precision | None:
         if self.dtype not in dtypes:
             return None
-        x_abs_max = float((step.x64 - step.a * self.images.mean64).abs().max())
-        estimate = dense_logit_error_estimate(step.plan, step.abar, step.scale, x_abs_max, self.images.y_abs_max,
-                                              self.dtype)
-        return Precision(self.dtype) if estimate * KERNEL_ROUNDING_FACTOR[self.name] <= LOGIT_TOLERANCE else None
+        return float_precision(self.name, step, self.images.mean64, self.images.y_abs_max, self.dtype)
 
     def run(self, side: torch.Tensor, step: Step, precision: Precision, chunk_size: int | None) -> torch.Tensor:
         return float_step(side, self.images.mean64, step.plan, step.x64, step.a, step.scale, self.dtype, chunk_size)

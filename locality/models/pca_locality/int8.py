@@ -99,7 +99,7 @@ def int8_error_estimate(digits: int, dtype: torch.dtype, a: float, scale: float,
     Σ_n M|x''|). Calibration: on 300-3000 Fashion-MNIST images (θ = 0.005) with the combination
     forced to float32 at t = 300, 200, 100 and 3 digits, the estimate (3e-5 to 1.1e-4) exceeded
     the measured output deviation from float64 (3e-6 to 6e-6) 10-20 times;
-    tests/test_eight_bit.py checks every choice it allows against float64."""
+    tests/test_pca_locality_8bit.py checks every choice it allows against float64."""
     j = max(max_column_nnz, 1)
     delta = x_abs_max / digit_max(digits)
     quantisation = scale * 2 * a * (delta / 2) * Y_ABS_MAX * min(j, 4 * math.sqrt(j))
@@ -188,15 +188,16 @@ def _onednn_mm(act: torch.Tensor, packed: torch.Tensor, count: int, scale: float
                                                      torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
 
 
-def _int_mm(act: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
+def _int_mm(act: torch.Tensor, operand: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """act [R, n] @ operand [n, K'] -> int32 [R, K'], exact (operand from
-    :func:`int_mm_operand`, K' a multiple of 8). cuBLAS wants more than 16 rows: fewer are
-    padded and sliced off. The CPU runs the same padding, so CPU tests cover it."""
+    :func:`int_mm_operand`, K' a multiple of 8), into ``out`` when given. cuBLAS wants more than
+    16 rows: fewer are padded and sliced off. The CPU runs the same padding, so CPU tests cover it."""
     rows = act.shape[0]
     if rows < 17:
-        act = torch.nn.functional.pad(act, (0, 0, 0, 17 - rows))
-    out = torch._int_mm(act, operand)
-    return out[:rows] if rows < 17 else out
+        return torch._int_mm(torch.nn.functional.pad(act, (0, 0, 0, 17 - rows)), operand)[:rows]
+    if out is None:
+        return torch._int_mm(act, operand)
+    return torch._int_mm(act, operand, out=out)
 
 
 def int8_logits(act_digits: torch.Tensor, mask_codes: torch.Tensor, chunk: tuple, backend: str,
@@ -206,7 +207,7 @@ def int8_logits(act_digits: torch.Tensor, mask_codes: torch.Tensor, chunk: tuple
     cross_scale·Σ_j 256^j (A_j @ Dᵀ) - quad_scale·Mᵀ @ (D² - 8192)ᵀ, from the digit
     activations ``act_digits`` [p, n_out·B, n] (low digit first, rows (m, b)) and
     ``mask_codes`` Mᵀ [n_out, n] int8 (cross_scale = s·2a·(2/255)·δ, quad_scale = s·a²·(2/255)²).
-    oneDNN/float32 writes into the ``workspace``'s buffers when given (valid until the next call)."""
+    The logits and temporaries live in the ``workspace``'s buffers when given (valid until the next call)."""
     start, stop, codes, high, low = chunk
     count = stop - start  # int_mm operands may carry up to 7 padded images: sliced off below
     digits = act_digits.shape[0]
@@ -226,16 +227,23 @@ def int8_logits(act_digits: torch.Tensor, mask_codes: torch.Tensor, chunk: tuple
         for j in reversed(range(digits)):
             out = _onednn_mm(act_digits[j], codes, count, cross_scale * 256**j, out)
         return out.view(n_out, batch, count)
-    if backend == "onednn":  # float64: every digit's float32 output is an exact integer
-        mm = lambda act, w: _onednn_mm(act, w, count, 1.0, None)  # noqa: E731
-    else:
-        mm = lambda act, w: _int_mm(act, w)[:, :count]  # noqa: E731
-    quad = mm(mask_codes, high).to(dtype).mul_(128.0).add_(mm(mask_codes, low))  # [n_out, K]
-    # one pass per digit: converts the int32 sums, scales them and adds them up
-    logits = torch.add(quad.mul_(-quad_scale).unsqueeze(1), mm(act_digits[-1], codes).view(n_out, batch, count),
-                       alpha=cross_scale * 256 ** (digits - 1))
-    for j in reversed(range(digits - 1)):
-        logits.add_(mm(act_digits[j], codes).view(n_out, batch, count), alpha=cross_scale * 256**j)
+    ws = workspace or Workspace(act_digits.device)
+
+    def product(act: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """act @ weights in ``dtype`` [R, count], exact (integers below 2^24): the sums land in a
+        reused buffer and are converted there, since adding an int32 tensor into a float one
+        takes a mixed-dtype path ~10x slower than a plain float add."""
+        if backend == "onednn":  # float32 outputs of exact integers
+            return ws.take("product", (act.shape[0], count), dtype).copy_(_onednn_mm(act, weights, count, 1.0, None))
+        sums = _int_mm(act, weights, ws.take("sums", (act.shape[0], weights.shape[1]), torch.int32))
+        return ws.take("product", tuple(sums.shape), dtype).copy_(sums)[:, :count]
+
+    quad = ws.take("quad", (n_out, count), dtype).copy_(product(mask_codes, high)).mul_(128.0)
+    quad.add_(product(mask_codes, low)).mul_(-quad_scale)  # [n_out, K]
+    # the quadratic term, then each digit's converted sums scaled and added, high digits first
+    logits = ws.take("logits", (n_out, batch, count), dtype).copy_(quad.unsqueeze(1))
+    for j in reversed(range(digits)):
+        logits.add_(product(act_digits[j], codes).view(n_out, batch, count), alpha=cross_scale * 256**j)
     return logits
 
 
