@@ -196,27 +196,14 @@ def kernel_contenders(name: str, params: dict, images: torch.Tensor, stats, mode
 def screen_kernels(model, step, kernels: list[str]) -> dict[str, float]:
     """Milliseconds per 1000 images of each kernel on ``step`` (the tuner's staged probe)."""
     from locality.models.pca_locality.kernel import Precision
-    from locality.models.pca_locality.selection import step_candidates
-
-    def probe(kernel: str):
-        if kernel == "float64":
-            k, precision = model.kernels["float64"], Precision(torch.float64)
-        else:
-            k, precision = model.kernels[kernel], step_candidates(model.kernels, step, kernel, False)[1][kernel]
-
-        def prepare(count: int, samples: int):
-            from dataclasses import replace
-
-            sub = replace(step, x64=step.x64[:samples])
-            side = k.prepare(count, sub, model.chunk_size)
-            return lambda: k.run(side, sub, precision, model.chunk_size)
-
-        return prepare
+    from locality.models.pca_locality.selection import kernel_probes, step_candidates
 
     if len(kernels) < 2:
         return {k: 1.0 for k in kernels}
-    decision = model.tuner.measure({k: probe(k) for k in kernels}, model.training.count, step.x64.shape[0])
-    return decision.ms_per_1000_images
+    chosen = {k: Precision(torch.float64) if k == "float64" else step_candidates(model.kernels, step, k, False)[1][k]
+              for k in kernels}
+    probes = kernel_probes(model.kernels, chosen, step, model.chunk_size)
+    return model.tuner.measure(probes, model.training.count, step.x64.shape[0]).ms_per_1000_images
 
 
 def sample_alternating(contenders: list[Contender], shape: tuple[int, ...], settings: BenchSettings,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import platform
 import statistics
 import time
@@ -55,14 +56,20 @@ Prepare = Callable[[int, int], Callable[[], object]]  # (images, samples) -> the
 @dataclass(frozen=True)
 class Decision:
     """The measured choice for one key: the winning kernel and every candidate's milliseconds
-    per 1 000 images at the last round it took part in (``None``: not measured, taken from a forced
-    or single choice)."""
+    per 1 000 images at the last round it took part in (empty: not measured, a single candidate)."""
 
     kernel: str
     ms_per_1000_images: dict[str, float]
     probe_images: int
     probe_seconds: float
     source: str  # "measured", "store" or "only candidate"
+
+
+def shape_key(n: int, batch: int, num_images: int, chunk_size: int | None) -> str:
+    """The shapes part of a decision key: values per image, samples, images to the nearest
+    power of two, and an explicit chunk size."""
+    key = f"n={n}|B={batch}|N~2^{round(math.log2(max(num_images, 1)))}"
+    return key + (f"|chunk={chunk_size}" if chunk_size is not None else "")
 
 
 def _cpu_model_and_flags() -> tuple[str, str]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from locality.models.autotune import KernelTuner
+from collections.abc import Callable
+
+from locality.models.autotune import KernelTuner, shape_key
 from locality.models.base import Denoiser
 from locality.models.memory import chunk_rows
 
@@ -32,6 +34,24 @@ class DatasetDenoiser(Denoiser):
             raise ValueError(f"chunk_size must be a positive integer or null, got {chunk_size}")
         self.chunk_size = chunk_size
         self.tuner = tuner if tuner is not None else KernelTuner(self.device)
+
+    def image_norms(self) -> tuple[torch.Tensor, float]:
+        """(‖y_k‖² [N] float64, max_k ‖y_k‖) of the training images."""
+        sq = [ys.double().square().sum(1) for ys in self.images.split(8192)]
+        sq_norms = torch.cat(sq) if sq else torch.zeros(0, dtype=torch.float64, device=self.device)
+        return sq_norms, float(sq_norms.max().sqrt()) if len(sq_norms) else 0.0
+
+    def measured_kernel(self, kind: str, runs: dict[str, Callable[[torch.Tensor, int], object]],
+                        x64: torch.Tensor) -> str:
+        """The tuner's choice among ``runs`` (name -> run(samples [B', n], first images)) for
+        samples x64 [B, n], remembered under this model's name, ``kind``, candidates and shapes."""
+        num, n = self.images.shape
+        key = f"{self.name}|{kind}|{'+'.join(runs)}|{shape_key(n, x64.shape[0], num, self.chunk_size)}"
+
+        def probe(name: str):
+            return lambda count, samples: (lambda: runs[name](x64[:samples], count))
+
+        return self.tuner.choose(key, {name: probe(name) for name in runs}, num, x64.shape[0]).kernel
 
     def chunks(self, bytes_per_image: int, count: int | None = None, cpu_cap: int | None = None):
         """Yield (start, slice [K, n]) of the first ``count`` images (default all). K =

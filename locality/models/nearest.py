@@ -12,7 +12,6 @@ Kernels (``last_kernel``):
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -31,9 +30,7 @@ class NearestDatasetDenoiser(DatasetDenoiser):
 
     def __init__(self, images: torch.Tensor, **kw) -> None:
         super().__init__(images, **kw)
-        sq = [ys.double().square().sum(1) for ys in self.images.split(8192)]
-        self.sq_norms = torch.cat(sq) if sq else torch.zeros(0, dtype=torch.float64, device=self.device)
-        self.y_norm_max = float(self.sq_norms.max().sqrt()) if len(self.sq_norms) else 0.0
+        self.sq_norms, self.y_norm_max = self.image_norms()
         self.last_kernel: str | None = None
 
     @classmethod
@@ -74,14 +71,7 @@ class NearestDatasetDenoiser(DatasetDenoiser):
 
     def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         x64 = flatten(x_t).to(self.device, torch.float64)
-        num, n = self.images.shape
         kernels = {"expanded": self.expanded, "direct": self.direct}
-
-        def probe(name: str):
-            return lambda count, samples: (lambda: kernels[name](x64[:samples], count))
-
-        key = (f"nearest_dataset|expanded+direct|n={n}|B={x64.shape[0]}|N~2^{round(math.log2(max(num, 1)))}"
-               + (f"|chunk={self.chunk_size}" if self.chunk_size else ""))
-        self.last_kernel = self.tuner.choose(key, {name: probe(name) for name in kernels}, num, x64.shape[0]).kernel
-        best = kernels[self.last_kernel](x64, num)
+        self.last_kernel = self.measured_kernel("exact", kernels, x64)
+        best = kernels[self.last_kernel](x64, self.images.shape[0])
         return self.images[best].to(x_t.dtype).reshape(x_t.shape)

@@ -51,9 +51,7 @@ class OptimalDenoiser(DatasetDenoiser):
         if not 0 < temperature < float("inf"):
             raise ValueError(f"model.temperature must be a finite number > 0, got {temperature}")
         self.temperature = float(temperature)
-        sq = [ys.double().square().sum(1) for ys in self.images.split(8192)]
-        self.sq_norms = torch.cat(sq) if sq else torch.zeros(0, dtype=torch.float64, device=self.device)
-        self.y_norm_max = float(self.sq_norms.max().sqrt()) if len(self.sq_norms) else 0.0
+        self.sq_norms, self.y_norm_max = self.image_norms()
         self.last_kernel: str | None = None  # float32, float64 or screened (tests, bench)
 
     @classmethod
@@ -132,13 +130,7 @@ class OptimalDenoiser(DatasetDenoiser):
         x64 = flatten(x_t).to(self.device, torch.float64)
         scale = 1.0 / (2.0 * (1.0 - abar) * self.temperature)
         kind, names = self.candidates(x64, abar, scale)
-        num, n = self.images.shape
-
-        def probe(name: str):
-            return lambda count, samples: (lambda: self.run(name, x64[:samples], a, scale, count))
-
-        key = (f"optimal|{kind}|{'+'.join(names)}|n={n}|B={x64.shape[0]}|N~2^{round(math.log2(max(num, 1)))}"
-               + (f"|chunk={self.chunk_size}" if self.chunk_size else ""))
-        decision = self.tuner.choose(key, {name: probe(name) for name in names}, num, x64.shape[0])
-        out, self.last_kernel = self.run(decision.kernel, x64, a, scale, num)
+        runs = {name: (lambda xs, count, name=name: self.run(name, xs, a, scale, count)) for name in names}
+        chosen = self.measured_kernel(kind, runs, x64)
+        out, self.last_kernel = self.run(chosen, x64, a, scale, self.images.shape[0])
         return out.to(x_t.dtype).reshape(x_t.shape)

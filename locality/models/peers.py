@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from locality.models.autotune import KernelTuner
+from locality.models.autotune import KernelTuner, shape_key
 from locality.models.base import Denoiser, register_model
 from locality.models.patch_kernels import (
     Band, Tile, masked_tile_average, sliding_average, window_logit_error_estimate,
@@ -323,8 +323,8 @@ class PspcDenoiser(PatchDenoiser):
         """The layout of :meth:`layouts` that the tuner measures fastest (per shape and machine)."""
         layouts = self.layouts(size)
         c, h, w = images.shape[1:]
-        key = (f"pspc|p={min(size, h, w)}|{c}x{h}x{w}|B={x.shape[0]}|{str(x.dtype)[6:]}|"
-               f"N~2^{round(math.log2(max(images.shape[0], 1)))}" + (f"|chunk={self.chunk_size}" if self.chunk_size else ""))
+        key = (f"pspc|p={min(size, h, w)}|{c}x{h}x{w}|{str(x.dtype)[6:]}|"
+               + shape_key(c * h * w, x.shape[0], images.shape[0], self.chunk_size))
 
         def probe(name: str):
             return lambda count, samples: (lambda: self.tiled_step(x[:samples], a, scale, size, images[:count],

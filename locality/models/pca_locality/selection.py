@@ -30,7 +30,7 @@ import torch
 from locality.models.softmax import LOGIT_TOLERANCE  # noqa: F401  (the tolerance every kernel's estimate meets)
 
 if TYPE_CHECKING:
-    from locality.models.autotune import Decision, KernelTuner
+    from locality.models.autotune import Decision, KernelTuner, Prepare
     from locality.models.pca_locality.kernel import Kernel, Precision, Step
 
 SPARSE_MAX_FRACTION = 1 / 16  # a mask is sparse-eligible when its longest column has ≤ n/16 ones
@@ -91,25 +91,24 @@ def _within(kernels: dict[str, Kernel], names: list[str], step: Step,
 
 def decision_key(kind: str, names: list[str], step: Step, num_images: int, chunk_size: int | None) -> str:
     """What a measured choice is remembered by: the kind of step, its candidates, the shapes
-    (values per image, samples, images to the nearest power of two), the sparse mask's
-    density to the nearest power of two (the sparse kernel's work is proportional to it)."""
+    (:func:`~locality.models.autotune.shape_key`) and the sparse mask's density to the nearest
+    power of two (the sparse kernel's work is proportional to it)."""
+    from locality.models.autotune import shape_key
+
     batch, n = step.x64.shape
-    key = f"pca_locality|{kind}|{'+'.join(sorted(names))}|n={n}|B={batch}|N~2^{round(math.log2(max(num_images, 1)))}"
+    key = f"pca_locality|{kind}|{'+'.join(sorted(names))}|{shape_key(n, batch, num_images, chunk_size)}"
     if "sparse" in names:
         key += f"|density~2^{round(math.log2(max(step.plan.density, 1e-12)))}"
-    if chunk_size is not None:
-        key += f"|chunk={chunk_size}"
     return key
 
 
-def choose_kernel(tuner: KernelTuner, kernels: dict[str, Kernel], kind: str, chosen: dict[str, Precision],
-                  step: Step, chunk_size: int | None) -> Decision:
-    """The measured fastest of ``chosen`` for ``step``: each candidate is timed on subsets of
-    the real images (its image side prepared for them, untimed) and of the step's samples,
-    at the precision it would run the step in."""
-    num = kernels["float64"].images.count
+def kernel_probes(kernels: dict[str, Kernel], chosen: dict[str, Precision], step: Step,
+                  chunk_size: int | None) -> dict[str, Prepare]:
+    """The tuner's ``prepare(images, samples) -> run`` of each kernel in ``chosen``: its image
+    side for the first images (untimed) and the step on the first samples, at the precision it
+    would run the step in."""
 
-    def probe(name: str):
+    def probe(name: str) -> Prepare:
         kernel, precision = kernels[name], chosen[name]
 
         def prepare(count: int, samples: int):
@@ -119,8 +118,15 @@ def choose_kernel(tuner: KernelTuner, kernels: dict[str, Kernel], kind: str, cho
 
         return prepare
 
+    return {name: probe(name) for name in chosen}
+
+
+def choose_kernel(tuner: KernelTuner, kernels: dict[str, Kernel], kind: str, chosen: dict[str, Precision],
+                  step: Step, chunk_size: int | None) -> Decision:
+    """The measured fastest of ``chosen`` for ``step`` (:func:`kernel_probes`)."""
+    num = kernels["float64"].images.count
     key = decision_key(kind, list(chosen), step, num, chunk_size)
-    return tuner.choose(key, {name: probe(name) for name in chosen}, num, step.x64.shape[0])
+    return tuner.choose(key, kernel_probes(kernels, chosen, step, chunk_size), num, step.x64.shape[0])
 
 
 def int8_sums_exact(backend: str, device: torch.device | str) -> bool:
