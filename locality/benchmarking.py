@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-TABLE_KERNELS = ("float32", "bf16x6", "bf16x3", "int8_onednn", "int8_intmm")  # + float64: model.dtype=float64
+TABLE_KERNELS = ("float32", "bf16x6", "bf16x3", "int8_onednn", "int8_intmm", "int8_gather")  # + float64: model.dtype=float64
 TABLE_PROBE_STEP = 500  # the dense step on which the table's kernels are screened for speed
 
 

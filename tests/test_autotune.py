@@ -19,12 +19,13 @@ from locality.statistics import fit_statistics
 from synthetic import eight_bit, local_images, noisy, pca_oracle
 
 
-def sleeper(seconds_per_image: float, calls: list):
-    """A fake kernel: prepare(images, samples) -> a call that sleeps in proportion to the images."""
+def sleeper(seconds_per_image: float, calls: list, fixed_seconds: float = 0.0):
+    """A fake kernel: prepare(images, samples) -> a call that sleeps ``fixed_seconds`` plus a
+    time in proportion to the images."""
     def prepare(images: int, samples: int):
         def run():
             calls.append(images)
-            time.sleep(seconds_per_image * images)
+            time.sleep(fixed_seconds + seconds_per_image * images)
         return run
     return prepare
 
@@ -35,10 +36,23 @@ def test_the_fast_kernel_wins_and_the_slow_one_is_dropped_early():
     decision = tuner.measure({"slow": sleeper(0.01, slow_calls), "fast": sleeper(1e-5, fast_calls)}, 10_000, 8)
     assert decision.kernel == "fast" and decision.source == "measured"
     assert decision.ms_per_1000_images["slow"] > 10 * decision.ms_per_1000_images["fast"]
-    # the slow one only ran the warm-up (1 image) and the screen (SCREEN_IMAGES): a bounded cost
-    assert slow_calls == [1, autotune.SCREEN_IMAGES]
-    assert fast_calls == [1, autotune.SCREEN_IMAGES]  # a lone survivor needs no further rounds
+    # the slow one only ran the warm-up and the fixed-cost call (1 image) and the screen
+    # (SCREEN_IMAGES): a bounded cost
+    assert slow_calls == [1, 1, autotune.SCREEN_IMAGES]
+    assert fast_calls == [1, 1, autotune.SCREEN_IMAGES]  # a lone survivor needs no further rounds
     assert tuner.probe_seconds_total > 0
+
+
+def test_a_kernel_with_a_large_fixed_cost_is_judged_per_image():
+    """One GEMM per output value costs a fixed 30 ms a call but little per image: tiny rounds,
+    where it is 100x slower than a kernel of no fixed cost, must not drop it, and at the size
+    where the per-image costs dominate it wins."""
+    fixed_calls, plain_calls = [], []
+    decision = KernelTuner("cpu").measure({"plain": sleeper(1e-4, plain_calls),
+                                           "fixed": sleeper(1e-6, fixed_calls, fixed_seconds=0.03)}, 60_000, 8)
+    assert decision.kernel == "fixed"
+    assert max(fixed_calls) > autotune.SCREEN_IMAGES * autotune.GROWTH  # it went on past the tiny rounds
+    assert decision.ms_per_1000_images["plain"] > decision.ms_per_1000_images["fixed"]
 
 
 def test_close_kernels_go_to_the_final_alternating_round():
@@ -108,25 +122,26 @@ def synth8():
 
 
 def test_pca_locality_never_picks_a_slow_backend(synth8, monkeypatch):
-    """int8's torch._int_mm made slow on purpose: auto runs float32; float32 made slow: auto runs int8."""
+    """torch._int_mm made slow on purpose: auto runs float32; float32 made slow: auto runs an
+    int8 kernel (int8_intmm or int8_gather, whichever is faster here)."""
     import locality.models.pca_locality.float_gemm as float_gemm
     import locality.models.pca_locality.int8 as int8
 
     images, stats = synth8
     x = noisy(images, 500)
     want = pca_oracle(x, 500, images, stats, 0.02)
-    real_int_mm, real_float_step = int8._int_mm, float_gemm.float_step
+    real_int_mm, real_float_step = torch._int_mm, float_gemm.float_step
 
-    def slow_int_mm(*args):
+    def slow_int_mm(*args, **kwargs):
         time.sleep(0.02)
-        return real_int_mm(*args)
+        return real_int_mm(*args, **kwargs)
 
-    monkeypatch.setattr(int8, "_int_mm", slow_int_mm)
+    monkeypatch.setattr(torch, "_int_mm", slow_int_mm)
     monkeypatch.setattr(int8, "int8_sums_exact", lambda backend, device: backend == "int_mm")  # no oneDNN rival
     model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32)
     got = model(x, 500).double().reshape(len(x), -1)
     assert model.last_kernel == "float32" and (got - want).abs().max() < 1e-4
-    monkeypatch.setattr(int8, "_int_mm", real_int_mm)
+    monkeypatch.setattr(torch, "_int_mm", real_int_mm)
 
     def slow_float_step(*args):
         time.sleep(0.05)
@@ -135,4 +150,4 @@ def test_pca_locality_never_picks_a_slow_backend(synth8, monkeypatch):
     monkeypatch.setattr(float_gemm, "float_step", slow_float_step)
     model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32)
     got = model(x, 500).double().reshape(len(x), -1)
-    assert model.last_kernel.startswith("int8_intmmx") and (got - want).abs().max() < 1e-4
+    assert model.last_kernel.startswith(("int8_intmmx", "int8_gatherx")) and (got - want).abs().max() < 1e-4

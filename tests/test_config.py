@@ -79,5 +79,5 @@ def test_dense_kernel_choice_is_checked():
 
     name, params = model_params(compose(["model=pca_locality"]).model, torch.device("cpu"))
     assert name == "pca_locality" and params["dense_kernel"] == "auto"
-    with pytest.raises(ConfigError, match="model.dense_kernel must be one of auto, float32, bf16x6, bf16x3, int8, int8_onednn, int8_intmm, got 'tf32'"):
+    with pytest.raises(ConfigError, match="model.dense_kernel must be one of auto, float32, bf16x6, bf16x3, int8, int8_onednn, int8_intmm, int8_gather, got 'tf32'"):
         model_params(compose(["model=pca_locality", "model.dense_kernel=tf32"]).model, torch.device("cpu"))

@@ -20,7 +20,7 @@ from locality.statistics import fit_statistics
 from synthetic import PreferKernel, eight_bit, local_images, noisy, pca_oracle
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
-BACKENDS = ["int8_intmm", pytest.param("int8_onednn", marks=pytest.mark.skipif(
+BACKENDS = ["int8_intmm", "int8_gather", pytest.param("int8_onednn", marks=pytest.mark.skipif(
     not ONEDNN, reason="this torch build has no oneDNN quantized linear (x86 builds have it)"))]
 
 
@@ -125,6 +125,59 @@ def test_every_choice_the_bound_allows_is_within_tolerance(fmnist_crop12, backen
     assert allowed >= 10
 
 
+@pytest.mark.parametrize("t,threshold", [(900, 0.005), (300, 0.005), (100, 0.02)])
+def test_gather_with_cublas_shapes_on_the_cpu(synth8, t, threshold):
+    """int8_gather with cuBLAS's padding (column sets to multiples of 8 through a zero input,
+    more than 16 rows) gives the same x̂0 as without: CUDA's path, run here."""
+    images, stats = synth8
+    model = build_model("pca_locality", images, stats, mask_threshold=threshold, dtype=torch.float32,
+                        chunk_size=13, dense_kernel="int8_gather")
+    x = noisy(images, t, count=1)
+    plain = model(x, t).double().reshape(1, -1)
+    step = model.step_inputs(x, t)
+    kernel = model.kernels["int8_gather"]
+    side = kernel.prepare(kernel.images.count, step, model.chunk_size)
+    side.cublas_shapes = True
+    padded = kernel.run(side, step, Precision(torch.float64, MAX_DIGITS), model.chunk_size)
+    assert {len(c) % 8 for c, _ in step.plan.gather_columns(8)} == {0}
+    want = pca_oracle(x, t, images, stats, threshold)
+    assert (plain - want).abs().max() < 1e-4 and (padded - want).abs().max() < 1e-4
+
+
+def test_gather_column_sets_are_the_mask_or_its_complement():
+    from locality.models.pca_locality.gather import column_sets
+
+    mask = torch.zeros(6, 3, dtype=torch.float64)
+    mask[:2, 0] = 1  # 2 of 6 ones: the ones themselves
+    mask[:5, 1] = 1  # 5 of 6: the complement, input 5
+    mask[:, 2] = 0  # none: an empty set
+    sets = column_sets(mask, torch.device("cpu"), 1)
+    # a single input is padded to two with the zero input 6
+    assert [c.tolist() for c, _ in sets] == [[0, 1], [5, 6], []] and [comp for _, comp in sets] == [False, True, False]
+    padded = column_sets(mask, torch.device("cpu"), 4)
+    assert [c.tolist() for c, _ in padded] == [[0, 1, 6, 6], [5, 6, 6, 6], []]
+
+
+@pytest.mark.parametrize("form", ["rows", "columns"])
+def test_gather_operands_give_exact_sums(form):
+    """Both gather forms, small column counts (from two: :func:`column_sets` pads a single
+    input, whose operands torch._int_mm misreads) and a last chunk short of 8 images."""
+    from locality.models.pca_locality.gather import GatheredImages
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-128, 128, (13, 25), dtype=torch.int8, generator=g)
+    side = GatheredImages(codes, "view", form)
+    padded = torch.nn.functional.pad(codes, (0, 1, 0, 8)).long()
+    for (start, stop, *_), block in zip(side.dense.chunks(10), side.blocks(10)):
+        width = block.shape[1] if form == "rows" else block.shape[0]
+        for count in (2, 3, 5, 26):
+            columns = torch.randperm(26, generator=g)[:count]
+            act = torch.randint(-128, 128, (5, count), dtype=torch.int8, generator=g)
+            out = torch.empty(5, width, dtype=torch.int32)
+            torch._int_mm(act, side.operand(block, columns), out=out)
+            assert torch.equal(out.long(), act.long() @ padded[start : start + width, columns].T)
+
+
 def test_int8_on_real_fmnist_crop_every_step_and_chunking(fmnist_crop12):
     images, stats = fmnist_crop12
     outs = {}
@@ -164,7 +217,7 @@ def test_auto_measures_the_kernels_that_apply(synth8):
     model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32, tuner=tuner)
     x = noisy(images, 500)
     model(x, 500)
-    int8 = {"int8_intmm", "int8_onednn"} if ONEDNN else {"int8_intmm"}
+    int8 = {"int8_intmm", "int8_gather", "int8_onednn"} if ONEDNN else {"int8_intmm", "int8_gather"}
     assert set(tuner.seen) == {"float32"} | int8
     assert model.last_kernel.split("x")[0] in tuner.seen
     smooth = local_images()
@@ -244,7 +297,7 @@ def test_bf16x3_on_real_fmnist_crop_and_sample_groups(fmnist_crop12, monkeypatch
     assert (grouped - whole).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["int8_intmm", BACKENDS[2]])
 def test_int8_sample_groups(fmnist_crop12, monkeypatch, backend):
     """Samples split into groups (each with its own fixed-point δ) when their digit
     activations exceed the memory budget: same result within tolerance."""
@@ -270,7 +323,7 @@ def _saturating(exact_mm):
     return lambda *args, **kw: exact_mm(*args, **kw).clamp(-32768, 32767)
 
 
-@pytest.mark.parametrize("backend", ["int_mm", pytest.param("onednn", marks=BACKENDS[1].marks)])
+@pytest.mark.parametrize("backend", ["int_mm", pytest.param("onednn", marks=BACKENDS[2].marks)])
 def test_int8_probe_passes_here_and_catches_saturating_sums(backend, monkeypatch):
     import locality.models.pca_locality.int8 as int8
     from locality.models.pca_locality.selection import int8_sums_exact

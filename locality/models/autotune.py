@@ -12,11 +12,13 @@ The probe (:meth:`KernelTuner.measure`) is staged so that a pathologically slow 
 quantized GEMM running a scalar fallback at 0.24 GOPS) costs milliseconds, not minutes:
 
 1. screen: every candidate once on one sample and ``SCREEN_IMAGES`` images (after an untimed
-   warm-up call on one image); one that takes more than ``DROP_FACTOR`` times the best and more
-   than ``DROP_FLOOR_S`` is dropped (the floor keeps kernels whose fixed Python overhead
-   dominates tiny workloads);
-2. grow: the survivors on all samples and 4x more images per round, with the same rule, until
-   the fastest takes ``MIN_TIMED_S`` or every image is used;
+   warm-up call on one image, and a timed one that gives its fixed cost per call); one that
+   takes more than ``DROP_FACTOR`` times the best (and more than ``DROP_FLOOR_S``) *and* costs
+   more than ``DROP_FACTOR`` times the best per added image is dropped (a kernel whose fixed
+   cost dominates tiny workloads is not judged by them);
+2. grow: the survivors on all samples and 4x more images per round, with the same rule (the
+   cost per added image from the previous round), until the fastest takes ``MIN_TIMED_S`` or
+   every image is used;
 3. final: ``REPEATS`` alternating timed calls of each survivor (A B A B …, so a machine whose
    speed drifts treats them alike); the smallest median per image wins.
 
@@ -146,18 +148,25 @@ class KernelTuner:
         start = time.perf_counter()
         per_image: dict[str, float] = {}
         # screen: one sample, a few images, after a warm-up on one image (first calls pay
-        # one-off setup: JIT, primitive caches, allocations)
+        # one-off setup: JIT, primitive caches, allocations); the one-image time is the
+        # kernel's fixed cost per call, so the screen judges the cost per added image
         images = min(SCREEN_IMAGES, total_images)
         runs = {name: prepare(images, 1) for name, prepare in candidates.items()}
-        for prepare in candidates.values():
-            self._sync(prepare(1, 1)())
-        alive = self._survivors({name: self._time(run) for name, run in runs.items()}, images, per_image)
+        ones = {name: prepare(1, 1) for name, prepare in candidates.items()}
+        for run in ones.values():
+            self._sync(run())
+        fixed = {name: self._time(run) for name, run in ones.items()}
+        alive = self._survivors({name: self._time(run) for name, run in runs.items()}, images, per_image, fixed, 1)
+        previous = images
+        if len(alive) > 1:  # the fixed cost at all samples, for the first round's per-image costs
+            fixed = {name: self._time(candidates[name](previous, total_samples)) for name in alive}
         images = min(SCREEN_IMAGES * GROWTH, total_images)
         while len(alive) > 1:  # grow: all samples, 4x more images a round
             seconds = {name: self._time(candidates[name](images, total_samples)) for name in alive}
-            alive = self._survivors(seconds, images, per_image)
+            alive = self._survivors(seconds, images, per_image, fixed, previous)
             if min(seconds.values()) >= MIN_TIMED_S or images >= total_images:
                 break
+            fixed, previous = seconds, images
             images = min(total_images, images * GROWTH)
         if len(alive) > 1:  # final: alternating repeats, medians
             runs = {name: candidates[name](images, total_samples) for name in alive}
@@ -173,13 +182,20 @@ class KernelTuner:
         return Decision(winner, {name: 1e6 * s for name, s in per_image.items()}, images, seconds, "measured")
 
     @staticmethod
-    def _survivors(seconds: dict[str, float], images: int, per_image: dict[str, float]) -> list[str]:
-        """Record each candidate's seconds per image; keep those within DROP_FACTOR of the best
-        (or under DROP_FLOOR_S)."""
+    def _survivors(seconds: dict[str, float], images: int, per_image: dict[str, float],
+                   before: dict[str, float], images_before: int) -> list[str]:
+        """Record each candidate's seconds per image; drop those more than DROP_FACTOR times
+        slower than the best both in total (above DROP_FLOOR_S) and per added image (from
+        ``before``, the seconds at ``images_before``): a kernel with a large fixed cost per
+        call (one small GEMM per output value) but a low cost per image survives small rounds."""
         best = min(seconds.values())
+        added = {name: max(s - before.get(name, 0.0), 0.0) / max(images - images_before, 1)
+                 for name, s in seconds.items()}
+        best_added = min(added.values())
         for name, s in seconds.items():
             per_image[name] = s / images
-        return [name for name, s in seconds.items() if s <= max(DROP_FACTOR * best, DROP_FLOOR_S)]
+        return [name for name, s in seconds.items()
+                if s <= max(DROP_FACTOR * best, DROP_FLOOR_S) or added[name] <= DROP_FACTOR * best_added]
 
     def _time(self, run: Callable[[], object]) -> float:
         start = time.perf_counter()

@@ -21,6 +21,7 @@ from locality.models.dataset import DatasetDenoiser, flatten
 from locality.models.masks import locality_mask
 from locality.models.pca_locality.bf16 import Bf16x3Kernel, Bf16x6Kernel
 from locality.models.pca_locality.float_gemm import FloatGemmKernel
+from locality.models.pca_locality.gather import Int8GatherKernel
 from locality.models.pca_locality.int8 import Int8Kernel
 from locality.models.pca_locality.kernel import Kernel, Step, TrainingImages
 from locality.models.pca_locality.plan import MaskPlan, plan_mask
@@ -59,7 +60,7 @@ class PcaLocalityDenoiser(DatasetDenoiser):
         self.kernels: dict[str, Kernel] = {k.name: k for k in (
             FloatGemmKernel(self.training, torch.float32), FloatGemmKernel(self.training, torch.float64),
             Bf16x6Kernel(self.training), Bf16x3Kernel(self.training), Int8Kernel(self.training, "onednn"),
-            Int8Kernel(self.training, "int_mm"), SparseKernel(self.training))}
+            Int8Kernel(self.training, "int_mm"), Int8GatherKernel(self.training), SparseKernel(self.training))}
         self.last_strategy: tuple[str, torch.dtype] | None = None  # (dense or sparse, dtype): tests, bench
         self.last_kernel: str | None = None  # the kernel of the last step, e.g. sparse, float32, int8_intmmx3
 

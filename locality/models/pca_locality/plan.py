@@ -62,6 +62,16 @@ class MaskPlan:
             self._dense[key] = self.source.T.to(self.device, torch.bfloat16).repeat(1, copies)
         return self._dense[key]
 
+    def gather_columns(self, align: int) -> list[tuple[torch.Tensor, bool]]:
+        """Per output value, the inputs the ``int8_gather`` kernel reads and whether they are the
+        mask's complement (:func:`.gather.column_sets`), on the device, built once per ``align``."""
+        from locality.models.pca_locality.gather import column_sets
+
+        key = ("gather", align)
+        if key not in self._dense:
+            self._dense[key] = column_sets(self.source, self.device, align)
+        return self._dense[key]
+
     def max_weighted_column_sum(self, weights: torch.Tensor) -> float:
         """max over b and m of Σ_n M[n, m]·weights[b, n] for a binary mask and weights [B, n]
         ≥ 0, rounded up: computed with the float32 mask the kernels keep anyway (no float64

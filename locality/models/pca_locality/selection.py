@@ -45,10 +45,15 @@ MAX_DIGITS = 5  # int8: fixed-point digits of the samples (5 reach float64 accur
 # CPU: logits per chunk for the int8 kernels (they write the logits once per digit, so they must
 # stay cached: 8 MiB chunks ran 1.5x faster than 24 MiB on the Xeon of the README)
 INT8_CPU_CHUNK_CAP_BYTES = 8 << 20
+# CPU, int8_gather: images per chunk (their quadratic sums and values [n] in float32, full sums,
+# dense operands) and per group of output values (their int32 sums and logits) kept in cache
+GATHER_CPU_CHUNK_CAP_BYTES = 48 << 20
+GATHER_GROUP_CAP_BYTES = 16 << 20
 
-DENSE32_KERNELS = ("float32", "bf16x6", "bf16x3", "int8_onednn", "int8_intmm")
-FORCED = {"float32": ("float32",), "bf16x6": ("bf16x6",), "bf16x3": ("bf16x3",),
-          "int8": ("int8_onednn", "int8_intmm"), "int8_onednn": ("int8_onednn",), "int8_intmm": ("int8_intmm",)}
+DENSE32_KERNELS = ("float32", "bf16x6", "bf16x3", "int8_onednn", "int8_intmm", "int8_gather")
+INT8_KERNELS = ("int8_onednn", "int8_intmm", "int8_gather")
+FORCED = {"float32": ("float32",), "bf16x6": ("bf16x6",), "bf16x3": ("bf16x3",), "int8": INT8_KERNELS,
+          **{name: (name,) for name in INT8_KERNELS}}
 DENSE_KERNELS = ("auto", *FORCED)  # model.dense_kernel's choices
 
 

@@ -1,0 +1,233 @@
+"""The gathered int8 kernel of pca_locality, ``int8_gather``: per output value, an integer GEMM
+over only the inputs its mask selects, or over the complement, subtracted from the full sum.
+
+The dense int8 kernel (:mod:`.int8`) multiplies the samples' digit rows, masked by each output
+value's mask column, with every input value of every image: B·p·n² products per image, most of
+them with a 0 of the mask. Here output value m reads only its column set C_m, the smaller of
+
+* the inputs its mask selects (``M[:, m] = 1``: the low-noise steps, local masks), or
+* their complement (``M[:, m] = 0``: the high-noise steps, masks that cover most of the image),
+  where the masked sum is the full sum Σ_n X D minus the complement's sum,
+
+both exact in int32, so the logits are the same integers the dense kernel forms and its error
+estimate (:func:`.int8.int8_error_estimate`) holds unchanged. Per output value and chunk of K
+images that is one GEMM [p·B, |C_m|] @ [|C_m|, K] over the rows C_m of the pixel-major codes
+(a row gather, cheap), and the work falls from n² to Σ_m |C_m| (on Fashion-MNIST at θ = 0.005:
+8-27 % of it at every dense step). The quadratic term Σ_n M (D² - 8192) is the dense kernel's
+(two int8 GEMMs per chunk, shared by all samples), the full sums one GEMM of p·B rows.
+
+Whether this beats the dense kernels on a machine is measured like every other choice
+(:mod:`.selection`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from locality.models.memory import Workspace, chunk_rows, memory_budget
+from locality.models.pca_locality.int8 import Int8Images, Int8Kernel, _int_mm, fastest_int_mm_layout, to_digits
+from locality.models.pca_locality.kernel import Precision, Step
+from locality.models.pca_locality.plan import MaskPlan
+from locality.models.pca_locality.selection import GATHER_CPU_CHUNK_CAP_BYTES, GATHER_GROUP_CAP_BYTES
+from locality.models.softmax import OnlineSoftmaxAverage
+
+ROW_GATHER, COLUMN_GATHER = "rows", "columns"  # how a column set's operand is formed (see GatheredImages)
+
+
+class GatheredImages:
+    """The image side of ``int8_gather``: the dense int8 operands (:class:`.int8.Int8Images`,
+    for the full and quadratic sums) and the codes in the form the per-output GEMMs gather from:
+
+    * ``rows``: pixel-major codes Dᵀ [n + 1, N] (row n is zeros: the index that pads a column
+      set to the GEMM's alignment); gathering the rows C_m of a chunk gives the row-major operand
+      [|C_m|, K] (CPUs: contiguous copies of K bytes);
+    * ``columns``: the image-major codes [N, n + 1]; gathering columns gives [K, |C_m|], whose
+      transpose is the column-major operand cuBLAS's integer GEMM wants.
+
+    ``form`` is whichever ran faster here (:func:`fastest_gather_form`). ``cublas_shapes``: pad
+    every GEMM as cuBLAS's integer GEMM needs (more than 16 rows, inner sizes multiples of 8):
+    on CUDA, and in the CPU tests of that path."""
+
+    def __init__(self, codes: torch.Tensor, layout: str, form: str, cublas_shapes: bool = False) -> None:
+        self.dense = Int8Images(codes, "int_mm", layout)
+        self.count = codes.shape[0]
+        self.form = form
+        self.cublas_shapes = cublas_shapes
+        # a zero input (the padding index n) and 8 zero images: a chunk of k images is read
+        # ceil(k/8)·8 wide, like the dense operands (cuBLAS wants multiples of 8)
+        self._padded = torch.nn.functional.pad(codes, (0, 1, 0, 8))  # [N + 8, n + 1]
+        self._blocks: dict[int, list[torch.Tensor]] = {}
+
+    def blocks(self, size: int) -> list[torch.Tensor]:
+        """Per chunk of ``size`` images, the codes to gather from, contiguous (a gather from a
+        strided view takes torch's element-wise path, ~20x slower than row copies): ``rows``
+        Dᵀ [n + 1, width], ``columns`` D [width, n + 1], width = the chunk rounded up to 8."""
+        if size not in self._blocks:
+            out = []
+            for start in range(0, self.count, size):
+                width = -(-(min(start + size, self.count) - start) // 8) * 8
+                block = self._padded[start : start + width]
+                out.append(block.T.contiguous() if self.form == ROW_GATHER else block.contiguous())
+            self._blocks = {size: out}  # one chunking at a time
+        return self._blocks[size]
+
+    def operand(self, block: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """The second GEMM operand [|columns|, width] of one chunk's ``block``."""
+        if self.form == ROW_GATHER:
+            return block.index_select(0, columns)
+        return block.index_select(1, columns).T
+
+
+def fastest_gather_form(codes: torch.Tensor, layout: str, repeats: int = 3) -> str:
+    """The gather form (``rows`` or ``columns``) whose gather + GEMM runs faster here, timed on
+    a quarter of the inputs of 512 images and 24 digit rows (a form the build refuses is never
+    taken)."""
+    n = codes.shape[1]
+    count = min(512, codes.shape[0]) // 8 * 8 or 8
+    columns = torch.arange(0, n, 4, device=codes.device)
+    act = torch.ones(24, len(columns), dtype=torch.int8, device=codes.device)
+    times = {}
+    for form in (ROW_GATHER, COLUMN_GATHER):
+        side = GatheredImages(codes[:count], layout, form)
+        block = side.blocks(count)[0]
+        try:
+            torch._int_mm(act, side.operand(block, columns))
+        except RuntimeError:
+            continue
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch._int_mm(act, side.operand(block, columns))
+            if codes.device.type == "cuda":
+                torch.cuda.synchronize(codes.device)
+            samples.append(time.perf_counter() - start)
+        times[form] = statistics.median(samples)
+    if not times:
+        raise RuntimeError("torch._int_mm accepts neither gathered operand here")
+    return min(times, key=times.get)
+
+
+def column_sets(mask: torch.Tensor, device: torch.device, align: int) -> list[tuple[torch.Tensor, bool]]:
+    """Per output value m of M [n_in, n_out] (binary): (C_m, complement), C_m the inputs with
+    M[:, m] = 1 or, when fewer, those with M[:, m] = 0 (``complement``), int64 on ``device``,
+    padded with the zero row's index n_in to a multiple of ``align``, and a single input to two
+    (an operand of one column has strides (1, 1), which torch._int_mm misreads)."""
+    n_in = mask.shape[0]
+    ones = mask != 0
+    out = []
+    for m in range(mask.shape[1]):
+        selected = ones[:, m]
+        complement = int(selected.sum()) > n_in // 2
+        columns = torch.nonzero(~selected if complement else selected).squeeze(1)
+        pad = (-len(columns)) % align or (1 if len(columns) == 1 else 0)
+        if pad:
+            columns = torch.cat([columns, torch.full((pad,), n_in, dtype=columns.dtype)])
+        out.append((columns.to(device), complement))
+    return out
+
+
+def output_groups(sets: list[tuple[torch.Tensor, bool]], size: int, device: torch.device
+                  ) -> list[tuple[torch.Tensor, list[int], bool]]:
+    """The output values in groups of at most ``size``, each all direct or all complement (so a
+    group's complement sums are corrected by one broadcast subtraction): (indices on the device,
+    the same as a list, complement)."""
+    out = []
+    for complement in (False, True):
+        members = [m for m, (_, comp) in enumerate(sets) if comp == complement]
+        for g0 in range(0, len(members), size):
+            part = members[g0 : g0 + size]
+            out.append((torch.tensor(part, device=device), part, complement))
+    return out
+
+
+def gather_step(side: GatheredImages, values: torch.Tensor, plan: MaskPlan, x64: torch.Tensor, a: float,
+                scale: float, digits: int, dtype: torch.dtype, chunk_size: int | None) -> torch.Tensor:
+    """One dense step through per-output gathered GEMMs: x64 [B, n] float64, ``values`` the
+    images [N, n] (their stored values are averaged); x'' = x - a/255 in ``digits`` int8 digits,
+    exact integer sums, combined in ``dtype``. Returns x̂0 [B, n] float64."""
+    batch, n = x64.shape
+    device = x64.device
+    count = side.count
+    align = 8 if side.cublas_shapes else 1
+    sets = plan.gather_columns(align)
+    mask_codes = plan.dense_mask(torch.int8)
+    n_pad = side.dense.codes.shape[1]
+    if n_pad > n:
+        mask_codes = torch.nn.functional.pad(mask_codes, (0, n_pad - n))
+    cross_scale = scale * 2 * a * 2 / 255  # s·2a·(2/255), times δ
+    quad_scale = scale * a * a * 4 / 255**2  # s·a²·(2/255)²
+    xd, delta = to_digits(x64 - a / 255.0, digits)  # [p, B, n] int8
+    rows = digits * batch
+    act_rows = max(rows, 17) if side.cublas_shapes else rows  # cuBLAS wants more than 16 rows
+    act = torch.zeros(act_rows, n + 1, dtype=torch.int8, device=device)  # rows (j, b); column n: zeros
+    act[:rows, :n] = xd.reshape(rows, n)
+    full_act = torch.nn.functional.pad(act[:, :n], (0, n_pad - n)) if n_pad > n else act[:, :n].contiguous()
+    acts = [act.index_select(1, columns) for columns, _ in sets]  # [act_rows, |C_m|] per output value
+    item = torch.tensor([], dtype=dtype).element_size()
+    # bytes per image of a chunk: quadratic sums and values [n] in dtype and int32, full sums
+    # [rows] int32, the dense operands
+    per_image = (2 * item + 8) * n + 4 * act_rows + 3 * n_pad
+    size = chunk_rows(per_image, device, chunk_size, total=count, cpu_cap=GATHER_CPU_CHUNK_CAP_BYTES)
+    # outputs per group: their int32 sums [act_rows, K], logits and converted sums [B, K]
+    group_bytes = (4 * act_rows + 2 * item * batch) * size
+    group = max(1, min(n, memory_budget(device, cpu_cap=GATHER_GROUP_CAP_BYTES) // group_bytes))
+    groups = output_groups(sets, group, device)
+    accumulators = [OnlineSoftmaxAverage() for _ in groups]
+    ws = Workspace(device)
+    for (start, stop, codes_op, high_op, low_op), block in zip(side.dense.chunks(size), side.blocks(size)):
+        k = stop - start
+        width = codes_op.shape[1]  # k rounded up to a multiple of 8 (int_mm operands)
+        full = _int_mm(full_act, codes_op, ws.take("full", (act_rows, width), torch.int32))[:rows, :k]
+        # Σ_n M (D² - 8192) = 128·(Mᵀ H) + Mᵀ L for every output: exact integers, converted once
+        quad_int = _int_mm(mask_codes, high_op, ws.take("quad_high", (n, width), torch.int32))
+        quad_int.mul_(128).add_(_int_mm(mask_codes, low_op, ws.take("quad_low", (n, width), torch.int32)))
+        quad = ws.take("quad", (n, k), dtype).copy_(quad_int[:, :k]).mul_(-quad_scale)
+        vals = ws.take("values", (n, k), dtype).copy_(values[start:stop].T)
+        for (index, members, complement), acc in zip(groups, accumulators):
+            size_g = len(members)
+            sums = ws.take("sums", (size_g, act_rows, width), torch.int32)
+            for i, m in enumerate(members):
+                columns = sets[m][0]
+                if len(columns):  # (act_rows > 16 for cuBLAS: torch._int_mm directly, into the buffer)
+                    torch._int_mm(acts[m], side.operand(block, columns), out=sums[i])
+                else:
+                    sums[i].zero_()
+            if complement:  # Σ over the mask = full sum - Σ over the complement, exact in int32
+                torch.sub(full, sums[:, :rows, :k], out=sums[:, :rows, :k])
+            logits = ws.take("logits", (size_g, batch, k), dtype)
+            logits.copy_(quad.index_select(0, index).unsqueeze(1))
+            converted = ws.take("converted", (size_g, batch, k), dtype)
+            for j in reversed(range(digits)):  # high digits first, as the dense kernel combines them
+                converted.copy_(sums[:, j * batch : (j + 1) * batch, :k])
+                logits.add_(converted, alpha=cross_scale * delta * 256**j)
+            acc.update_pixel_major(logits, vals.index_select(0, index))
+    out = torch.empty(batch, n, dtype=torch.float64, device=device)
+    for (index, _, _), acc in zip(groups, accumulators):
+        out[:, index] = acc.result()
+    return out
+
+
+class Int8GatherKernel(Int8Kernel):
+    """``int8_gather``: :func:`gather_step` through ``torch._int_mm``. Eligible where
+    ``int8_intmm`` is (8-bit images, binary masks, a probe finding the integer sums exact), at
+    the same digits and combination dtype (its integer sums are the dense kernel's)."""
+
+    def __init__(self, images) -> None:
+        super().__init__(images, "int_mm")
+        self.name = "int8_gather"
+        self._form: str | None = None
+
+    def build(self, count: int) -> GatheredImages:
+        codes = self.images.codes()
+        if self._layout is None:
+            self._layout = fastest_int_mm_layout(codes)
+        if self._form is None:
+            self._form = fastest_gather_form(codes, self._layout)
+        return GatheredImages(codes[:count], self._layout, self._form, cublas_shapes=codes.device.type == "cuda")
+
+    def run(self, side: GatheredImages, step: Step, precision: Precision, chunk_size: int | None) -> torch.Tensor:
+        return gather_step(side, self.images.values[: side.count], step.plan, step.x64, step.a, step.scale,
+                           precision.digits, precision.dtype, chunk_size)
