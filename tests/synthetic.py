@@ -54,7 +54,7 @@ class PreferKernel(KernelTuner):
         self.name = name
         self.seen: list[str] = []  # the candidates of the last choice
 
-    def choose(self, key, candidates, total_images, total_samples) -> Decision:
+    def choose(self, key, candidates, total_images, total_samples, min_images=None) -> Decision:
         self.seen = list(candidates)
         if self.name in candidates:
             return Decision(self.name, {}, 0, 0.0, "preferred by the test")

@@ -55,9 +55,20 @@ def test_a_kernel_with_a_large_fixed_cost_is_judged_per_image():
     assert decision.ms_per_1000_images["plain"] > decision.ms_per_1000_images["fixed"]
 
 
+def test_a_kernel_is_not_dropped_below_its_own_floor_of_images():
+    """A kernel whose timing says nothing below 1 024 images (``min_images``) runs at least that
+    many, however slow it looks on fewer; the probe stops there once the fastest took long enough."""
+    floor_calls, plain_calls = [], []
+    decision = KernelTuner("cpu").measure({"plain": sleeper(1e-5, plain_calls),
+                                           "floored": sleeper(2e-3, floor_calls)}, 60_000, 8,
+                                          min_images={"floored": 1024})
+    assert 1024 in floor_calls and max(floor_calls) == 1024
+    assert decision.kernel == "plain"  # still 200x slower per image at 1 024: it loses, measured
+
+
 def test_close_kernels_go_to_the_final_alternating_round():
     a_calls, b_calls = [], []
-    decision = KernelTuner("cpu").measure({"a": sleeper(2e-4, a_calls), "b": sleeper(1e-4, b_calls)}, 4096, 8)
+    decision = KernelTuner("cpu").measure({"a": sleeper(1.4e-4, a_calls), "b": sleeper(1e-4, b_calls)}, 4096, 8)
     assert decision.kernel == "b"
     assert a_calls[-autotune.REPEATS:] == b_calls[-autotune.REPEATS:] == [decision.probe_images] * autotune.REPEATS
 

@@ -17,10 +17,13 @@ quantized GEMM running a scalar fallback at 0.24 GOPS) costs milliseconds, not m
    more than ``DROP_FACTOR`` times the best per added image is dropped (a kernel whose fixed
    cost dominates tiny workloads is not judged by them);
 2. grow: the survivors on all samples and 4x more images per round, with the same rule (the
-   cost per added image from the previous round), until the fastest takes ``MIN_TIMED_S`` or
-   every image is used;
-3. final: ``REPEATS`` alternating timed calls of each survivor (A B A B …, so a machine whose
-   speed drifts treats them alike); the smallest median per image wins.
+   cost per added image from the previous round), until the fastest takes ``MIN_TIMED_S`` and
+   every survivor has run on its ``min_images`` (a kernel's own floor: below it, its fixed cost
+   per call says nothing of its rate), or every image is used;
+3. final: ``REPEATS`` alternating timed calls of each survivor within ``FINAL_FACTOR`` of the
+   best (A B A B …, so a machine whose speed drifts treats them alike); with the previous round's time this gives each kernel's
+   cost per added image and its fixed cost per call, and the smallest cost per image at the
+   full count wins (a kernel of large fixed cost is not judged by a small probe).
 
 Decisions are kept in memory and, with a ``store_dir``, in one JSON file per machine
 (:func:`machine_description`: CPU model and flags or GPU name, torch version, thread count),
@@ -49,6 +52,7 @@ GROWTH = 4
 MIN_TIMED_S = 0.05
 DROP_FACTOR = 4.0
 DROP_FLOOR_S = 0.005
+FINAL_FACTOR = 2.0  # only kernels within this factor of the best per image go to the final repeats
 REPEATS = 3
 STORE_VERSION = 1
 
@@ -65,6 +69,16 @@ class Decision:
     probe_images: int
     probe_seconds: float
     source: str  # "measured", "store" or "only candidate"
+
+
+def _full_count_rate(seconds: float, images: int, seconds_before: float, images_before: int,
+                     total_images: int) -> float:
+    """Seconds per image at ``total_images``, from two timings: the cost per added image r
+    between ``images_before`` and ``images``, plus the fixed part f = seconds - r·images spread
+    over all images (r + f / total). Without a fixed part this is seconds / images."""
+    rate = max(seconds - seconds_before, 0.0) / max(images - images_before, 1)
+    fixed = max(seconds - rate * images, 0.0)
+    return rate + fixed / max(total_images, images)
 
 
 def shape_key(n: int, batch: int, num_images: int, chunk_size: int | None) -> str:
@@ -120,9 +134,12 @@ class KernelTuner:
         self._announced: set[str] = set()  # store decisions already logged
         self.probe_seconds_total = 0.0  # time spent measuring by this tuner (for the logs and the bench)
 
-    def choose(self, key: str, candidates: Mapping[str, Prepare], total_images: int, total_samples: int) -> Decision:
+    def choose(self, key: str, candidates: Mapping[str, Prepare], total_images: int, total_samples: int,
+               min_images: Mapping[str, int] | None = None) -> Decision:
         """The fastest of ``candidates`` (name -> prepare) for ``key``: from memory, the store, or
-        measured now (then stored). A single candidate is returned without measuring."""
+        measured now (then stored). A single candidate is returned without measuring.
+        ``min_images``: per candidate, the fewest images at which its time says anything (a
+        kernel of large fixed cost per call): it is not dropped before it ran on that many."""
         if not candidates:
             raise ValueError("KernelTuner.choose needs at least one candidate")
         if len(candidates) == 1:
@@ -134,7 +151,7 @@ class KernelTuner:
                 self._announced.add(key)
                 log.info("kernel choice %s: %s (from the kernel store %s)", key, known.kernel, self.store_path)
             return known
-        decision = self.measure(candidates, total_images, total_samples)
+        decision = self.measure(candidates, total_images, total_samples, min_images)
         self._decisions[key] = decision
         self._save()
         rates = ", ".join(f"{name} {ms:.1f} ms" for name, ms in sorted(decision.ms_per_1000_images.items(),
@@ -143,9 +160,11 @@ class KernelTuner:
                  rates, decision.probe_seconds)
         return decision
 
-    def measure(self, candidates: Mapping[str, Prepare], total_images: int, total_samples: int) -> Decision:
+    def measure(self, candidates: Mapping[str, Prepare], total_images: int, total_samples: int,
+                min_images: Mapping[str, int] | None = None) -> Decision:
         """The staged probe of the module docstring; returns the decision (not stored)."""
         start = time.perf_counter()
+        floor = {name: min((min_images or {}).get(name, 0), total_images) for name in candidates}
         per_image: dict[str, float] = {}
         # screen: one sample, a few images, after a warm-up on one image (first calls pay
         # one-off setup: JIT, primitive caches, allocations); the one-image time is the
@@ -156,26 +175,32 @@ class KernelTuner:
         for run in ones.values():
             self._sync(run())
         fixed = {name: self._time(run) for name, run in ones.items()}
-        alive = self._survivors({name: self._time(run) for name, run in runs.items()}, images, per_image, fixed, 1)
+        alive = self._survivors({name: self._time(run) for name, run in runs.items()}, images, per_image,
+                                fixed, 1, total_images, floor)
         previous = images
-        if len(alive) > 1:  # the fixed cost at all samples, for the first round's per-image costs
+        if len(alive) > 1:  # the cost at all samples, for the first round's cost per added image
             fixed = {name: self._time(candidates[name](previous, total_samples)) for name in alive}
         images = min(SCREEN_IMAGES * GROWTH, total_images)
         while len(alive) > 1:  # grow: all samples, 4x more images a round
             seconds = {name: self._time(candidates[name](images, total_samples)) for name in alive}
-            alive = self._survivors(seconds, images, per_image, fixed, previous)
-            if min(seconds.values()) >= MIN_TIMED_S or images >= total_images:
+            alive = self._survivors(seconds, images, per_image, fixed, previous, total_images, floor)
+            judged = all(images >= floor[name] for name in alive)
+            if (min(seconds.values()) >= MIN_TIMED_S and judged) or images >= total_images:
                 break
             fixed, previous = seconds, images
             images = min(total_images, images * GROWTH)
-        if len(alive) > 1:  # final: alternating repeats, medians
+        if len(alive) > 1:  # final: the close ones, alternating repeats, medians, against the previous round
+            best = min(per_image[name] for name in alive)
+            alive = [name for name in alive if per_image[name] <= FINAL_FACTOR * best]
+        if len(alive) > 1:
             runs = {name: candidates[name](images, total_samples) for name in alive}
             samples: dict[str, list[float]] = {name: [] for name in alive}
             for _ in range(REPEATS):
                 for name, run in runs.items():
                     samples[name].append(self._time(run))
             for name in alive:
-                per_image[name] = statistics.median(samples[name]) / images
+                per_image[name] = _full_count_rate(statistics.median(samples[name]), images, fixed[name],
+                                                   previous, total_images)
         winner = min(alive, key=lambda name: per_image[name])
         seconds = time.perf_counter() - start
         self.probe_seconds_total += seconds
@@ -183,19 +208,23 @@ class KernelTuner:
 
     @staticmethod
     def _survivors(seconds: dict[str, float], images: int, per_image: dict[str, float],
-                   before: dict[str, float], images_before: int) -> list[str]:
-        """Record each candidate's seconds per image; drop those more than DROP_FACTOR times
-        slower than the best both in total (above DROP_FLOOR_S) and per added image (from
-        ``before``, the seconds at ``images_before``): a kernel with a large fixed cost per
-        call (one small GEMM per output value) but a low cost per image survives small rounds."""
+                   before: dict[str, float], images_before: int, total_images: int,
+                   floor: Mapping[str, int]) -> list[str]:
+        """Record each candidate's seconds per image at the full count (:func:`_full_count_rate`);
+        drop those more than DROP_FACTOR times slower than the best both in total (above
+        DROP_FLOOR_S) and per added image (from ``before``, the seconds at ``images_before``),
+        unless their time grew less than 2x over 4x the images or they have not yet run on their
+        ``floor`` of images: a fixed cost per call (one small GEMM per output value) still
+        dominates such a kernel, so this round cannot judge it."""
         best = min(seconds.values())
         added = {name: max(s - before.get(name, 0.0), 0.0) / max(images - images_before, 1)
                  for name, s in seconds.items()}
         best_added = min(added.values())
         for name, s in seconds.items():
-            per_image[name] = s / images
+            per_image[name] = _full_count_rate(s, images, before.get(name, 0.0), images_before, total_images)
         return [name for name, s in seconds.items()
-                if s <= max(DROP_FACTOR * best, DROP_FLOOR_S) or added[name] <= DROP_FACTOR * best_added]
+                if s <= max(DROP_FACTOR * best, DROP_FLOOR_S) or added[name] <= DROP_FACTOR * best_added
+                or s < 2 * before.get(name, 0.0) or images < floor[name]]
 
     def _time(self, run: Callable[[], object]) -> float:
         start = time.perf_counter()

@@ -31,7 +31,9 @@ from locality.models.memory import Workspace, chunk_rows, memory_budget
 from locality.models.pca_locality.int8 import Int8Images, Int8Kernel, _int_mm, fastest_int_mm_layout, to_digits
 from locality.models.pca_locality.kernel import Precision, Step
 from locality.models.pca_locality.plan import MaskPlan
-from locality.models.pca_locality.selection import GATHER_CPU_CHUNK_CAP_BYTES, GATHER_GROUP_CAP_BYTES
+from locality.models.pca_locality.selection import (
+    GATHER_CPU_CHUNK_CAP_BYTES, GATHER_GROUP_CAP_BYTES, GATHER_OPERAND_CAP_BYTES,
+)
 from locality.models.softmax import OnlineSoftmaxAverage
 
 ROW_GATHER, COLUMN_GATHER = "rows", "columns"  # how a column set's operand is formed (see GatheredImages)
@@ -51,8 +53,9 @@ class GatheredImages:
     every GEMM as cuBLAS's integer GEMM needs (more than 16 rows, inner sizes multiples of 8):
     on CUDA, and in the CPU tests of that path."""
 
-    def __init__(self, codes: torch.Tensor, layout: str, form: str, cublas_shapes: bool = False) -> None:
-        self.dense = Int8Images(codes, "int_mm", layout)
+    def __init__(self, codes: torch.Tensor, layout: str, form: str, cublas_shapes: bool = False,
+                 quad: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.dense = Int8Images(codes, "int_mm", layout, quad)
         self.count = codes.shape[0]
         self.form = form
         self.cublas_shapes = cublas_shapes
@@ -171,6 +174,11 @@ def gather_step(side: GatheredImages, values: torch.Tensor, plan: MaskPlan, x64:
     # [rows] int32, the dense operands
     per_image = (2 * item + 8) * n + 4 * act_rows + 3 * n_pad
     size = chunk_rows(per_image, device, chunk_size, total=count, cpu_cap=GATHER_CPU_CHUNK_CAP_BYTES)
+    if device.type == "cpu" and chunk_size is None:
+        # and one output value's gathered operand [|C_m|, K] (int8) within a core's L2 on average,
+        # where its GEMM reads it right after the gather wrote it
+        mean_columns = max(1.0, sum(len(c) for c, _ in sets) / max(len(sets), 1))
+        size = max(min(size, int(GATHER_OPERAND_CAP_BYTES / mean_columns)), min(count, 1024))
     # outputs per group: their int32 sums [act_rows, K], logits and converted sums [B, K]
     group_bytes = (4 * act_rows + 2 * item * batch) * size
     group = max(1, min(n, memory_budget(device, cpu_cap=GATHER_GROUP_CAP_BYTES) // group_bytes))
@@ -215,6 +223,10 @@ class Int8GatherKernel(Int8Kernel):
     ``int8_intmm`` is (8-bit images, binary masks, a probe finding the integer sums exact), at
     the same digits and combination dtype (its integer sums are the dense kernel's)."""
 
+    # one GEMM per output value and chunk: ~30 ms of fixed cost per call on Fashion-MNIST, so
+    # only a probe of ~1000 images and more shows its rate
+    probe_min_images = 1024
+
     def __init__(self, images) -> None:
         super().__init__(images, "int_mm")
         self.name = "int8_gather"
@@ -226,7 +238,9 @@ class Int8GatherKernel(Int8Kernel):
             self._layout = fastest_int_mm_layout(codes)
         if self._form is None:
             self._form = fastest_gather_form(codes, self._layout)
-        return GatheredImages(codes[:count], self._layout, self._form, cublas_shapes=codes.device.type == "cuda")
+        high, low = self.images.quad_digits()
+        return GatheredImages(codes[:count], self._layout, self._form, cublas_shapes=codes.device.type == "cuda",
+                              quad=(high[:count], low[:count]))
 
     def run(self, side: GatheredImages, step: Step, precision: Precision, chunk_size: int | None) -> torch.Tensor:
         return gather_step(side, self.images.values[: side.count], step.plan, step.x64, step.a, step.scale,

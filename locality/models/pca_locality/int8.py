@@ -113,13 +113,18 @@ class Int8Images:
     as ``layout`` says, row-major copies or column-major views). n_pad rounds n up to a
     multiple of 8 for cuBLAS."""
 
-    def __init__(self, codes: torch.Tensor, backend: str, layout: str = "view") -> None:
+    def __init__(self, codes: torch.Tensor, backend: str, layout: str = "view",
+                 quad: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``quad``: the (H, L) digits of these codes when already computed."""
         n = codes.shape[1]
         self.backend = backend
         self.layout = layout
         pad = (-n) % 8 if backend == "int_mm" else 0
         self.codes = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
-        self.high, self.low = quad_digits(self.codes)
+        if quad is None:
+            self.high, self.low = quad_digits(self.codes)
+        else:
+            self.high, self.low = (torch.nn.functional.pad(q, (0, pad)) if pad else q for q in quad)
         if pad:  # padded columns must add nothing to the quadratic sum either
             self.high[:, n:] = 0
             self.low[:, n:] = 0
@@ -336,7 +341,8 @@ class Int8Kernel(Kernel):
         codes = self.images.codes()
         if self.backend == "int_mm" and self._layout is None:
             self._layout = fastest_int_mm_layout(codes)
-        return Int8Images(codes[:count], self.backend, self._layout or "view")
+        high, low = self.images.quad_digits()
+        return Int8Images(codes[:count], self.backend, self._layout or "view", (high[:count], low[:count]))
 
     def run(self, side: Int8Images, step: Step, precision: Precision, chunk_size: int | None) -> torch.Tensor:
         count = side.codes.shape[0]

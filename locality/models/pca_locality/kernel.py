@@ -48,7 +48,8 @@ class Precision:
 class TrainingImages:
     """The training images as every kernel of one model reads them: ``values`` [N, n] in the
     model's dtype on its device, their mean ``mean64`` [n] float64, ``y_abs_max`` = max |y - μ|,
-    and the 8-bit codes (:meth:`codes`, looked up once)."""
+    and the 8-bit codes and their squares' digits (:meth:`codes`, :meth:`quad_digits`, each
+    computed once)."""
 
     def __init__(self, values: torch.Tensor, mean: torch.Tensor) -> None:
         self.values = values
@@ -56,7 +57,9 @@ class TrainingImages:
         self.mean64 = mean.to(self.device, torch.float64)
         self.y_abs_max = max((float((ys.double() - self.mean64).abs().max()) for ys in values.split(8192)),
                              default=0.0)
-        self._codes: torch.Tensor | None | bool = False  # False: not looked at yet
+        self._codes: torch.Tensor | None = None
+        self._codes_checked = False
+        self._quad: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def count(self) -> int:
@@ -64,11 +67,24 @@ class TrainingImages:
 
     def codes(self) -> torch.Tensor | None:
         """D = q - 128 [N, n] int8 when the images are 8-bit values (2q - 255)/255, else None."""
-        if self._codes is False:
+        if not self._codes_checked:
             from locality.models.pca_locality.int8 import eight_bit_codes
 
             self._codes = eight_bit_codes(self.values)
+            self._codes_checked = True
         return self._codes
+
+    def quad_digits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, L) int8 [N, n] with D² - 8192 = 128·H + L (:func:`.int8.quad_digits`), computed
+        once for every int8 kernel and probe subset."""
+        if self._quad is None:
+            from locality.models.pca_locality.int8 import quad_digits
+
+            codes = self.codes()
+            if codes is None:
+                raise ValueError("quad_digits needs 8-bit images")
+            self._quad = quad_digits(codes)
+        return self._quad
 
 
 class Kernel(ABC):
@@ -76,6 +92,9 @@ class Kernel(ABC):
     ``model.dense_kernel`` and the logs call it."""
 
     name: str
+    # the fewest images at which a timing of this kernel says anything of its rate: the
+    # measured choice does not drop it before (a large fixed cost per call dominates below)
+    probe_min_images: int = 0
 
     def __init__(self, images: TrainingImages) -> None:
         self.images = images

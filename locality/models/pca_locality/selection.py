@@ -49,6 +49,7 @@ INT8_CPU_CHUNK_CAP_BYTES = 8 << 20
 # dense operands) and per group of output values (their int32 sums and logits) kept in cache
 GATHER_CPU_CHUNK_CAP_BYTES = 48 << 20
 GATHER_GROUP_CAP_BYTES = 16 << 20
+GATHER_OPERAND_CAP_BYTES = 512 << 10  # one output value's gathered codes [|C_m|, K]: in L2 on average
 
 DENSE32_KERNELS = ("float32", "bf16x6", "bf16x3", "int8_onednn", "int8_intmm", "int8_gather")
 INT8_KERNELS = ("int8_onednn", "int8_intmm", "int8_gather")
@@ -131,7 +132,8 @@ def choose_kernel(tuner: KernelTuner, kernels: dict[str, Kernel], kind: str, cho
     """The measured fastest of ``chosen`` for ``step`` (:func:`kernel_probes`)."""
     num = kernels["float64"].images.count
     key = decision_key(kind, list(chosen), step, num, chunk_size)
-    return tuner.choose(key, kernel_probes(kernels, chosen, step, chunk_size), num, step.x64.shape[0])
+    return tuner.choose(key, kernel_probes(kernels, chosen, step, chunk_size), num, step.x64.shape[0],
+                        {name: kernels[name].probe_min_images for name in chosen})
 
 
 def int8_sums_exact(backend: str, device: torch.device | str) -> bool:
