@@ -32,7 +32,7 @@ def test_bench_app_writes_its_report(tmp_path, fmnist_train):
     assert len(report["sampling_total_s_all"]) == 2 and report["sampling_total_s_median"] > 0
     assert len(report["step_times_s_median"]) == 4 and report["timesteps"][-1] == 0
     assert report["statistics_fit_s"] > 0 and report["mask_build_s"] >= 0
-    int8 = {f"int8_{b}x{d}" for d in range(1, 6) for b in ("intmm", "onednn")}
+    int8 = {f"int8_{b}x{d}" for d in range(1, 6) for b in ("intmm", "onednn", "gather")}
     assert set(report["step_kernels"].values()) <= {"float32", "float64", "sparse"} | int8
     assert report["kernel_probe_s"] >= 0 and report["cpu"]
     assert len(report["max_abs_dev_per_step"]) == 4
