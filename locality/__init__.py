@@ -25,8 +25,8 @@ _API = {
     "build_model": "locality.models",
     "available_models": "locality.models",
     "Denoiser": "locality.models",
-    "sample": "locality.pipeline",
-    "ddim_sample": "locality.sampler",
+    "sample": "locality.sampling",
+    "ddim_sample": "locality.ddim",
     "ddim_timesteps": "locality.schedule",
     "alpha_bar": "locality.schedule",
 }

@@ -33,7 +33,7 @@ import mlflow  # noqa: E402
 from mlflow.entities import RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from locality.config import ConfigError  # noqa: E402
+from locality.app.config import ConfigError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
