@@ -21,6 +21,7 @@ from locality.unet.checkpoint import (
     save_unet_checkpoint,
 )
 from conftest import reference_dir, require_reference
+from synthetic import Payload
 from locality.unet.network import DATASET_SETTINGS, SETTINGS, UNet, build_unet, infer_constructor, num_parameters
 from locality.unet.training import LAST_CHECKPOINT, TrainSettings, train_unet
 
