@@ -219,7 +219,7 @@ class SweepTracking(Callback):
         """At the exit of a sweep that never reached on_multirun_end: parent FAILED, cells counted."""
         if self._ended:
             return
-        from locality import jobs
+        from locality.app import jobs
 
         try:
             cells, failed = self._summary(config)
