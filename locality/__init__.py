@@ -10,8 +10,10 @@ The Python API, without Hydra or MLflow::
     result = sample(model, num_samples=8, image_shape=(1, 28, 28), num_steps=10, seed=42)
     result.samples                                       # [8, 1, 28, 28] in about [-1, 1]
 
-The math core (schedule, sampler, statistics, models, data) imports only torch, numpy, scipy,
-pillow and tqdm; Hydra and MLflow are used by the entry points alone (locality.run, …).
+Three layers: the entry points (``python -m locality.run``, ``train``, ``bench``, ``calibrate``,
+``compare``), the app layer they share (:mod:`locality.app`: config, settings, MLflow, sweeps),
+and the math core (schedule, ddim, sampling, statistics, models, data, unet, …), which imports
+only torch, numpy, scipy, pillow and tqdm, never Hydra, MLflow or the app layer.
 """
 
 __version__ = "0.1.0"
@@ -25,8 +27,8 @@ _API = {
     "build_model": "locality.models",
     "available_models": "locality.models",
     "Denoiser": "locality.models",
-    "sample": "locality.pipeline",
-    "ddim_sample": "locality.sampler",
+    "sample": "locality.sampling",
+    "ddim_sample": "locality.ddim",
     "ddim_timesteps": "locality.schedule",
     "alpha_bar": "locality.schedule",
 }

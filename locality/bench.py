@@ -1,7 +1,7 @@
 """The benchmark app: ``python -m locality.bench`` (``--help`` for the options).
 
 Reads the configured dataset, model and sampler settings and hands them to
-:func:`locality.benchmarking.benchmark`; prints the report (and with ``bench.kernels`` the
+:func:`locality.timing.benchmark`; prints the report (and with ``bench.kernels`` the
 kernel table) and writes it as JSON.
 """
 
@@ -12,58 +12,35 @@ import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
+from locality.app.config import get_float, get_int, register_resolvers
+from locality.app.settings import SamplerSettings, kernel_store_dir, load_training_images, model_device, model_params
 from locality.atomic import write_json_atomic
-from locality.benchmarking import TABLE_KERNELS, BenchSettings, benchmark
-from locality.config import ConfigError, get_bool, get_float, get_int, register_resolvers
-from locality.settings import kernel_store_dir, load_training_images, model_params
+from locality.timing import BenchSettings, benchmark, table_kernels
 
 register_resolvers()
 log = logging.getLogger("locality.bench")
 
 
 def bench_settings(cfg: DictConfig) -> BenchSettings:
-    smp, bench = cfg.sampler, cfg.bench
+    """``cfg.sampler`` and ``cfg.bench`` -> what to sample, how often, what to check."""
+    smp, bench = SamplerSettings.from_config(cfg.sampler), cfg.bench
     return BenchSettings(
-        num_samples=get_int(smp, "num_samples", "sampler", minimum=1),
-        num_steps=get_int(smp, "num_steps", "sampler", minimum=1),
-        batch_size=get_int(smp, "batch_size", "sampler", minimum=1),
-        seed=get_int(smp, "seed", "sampler"),
-        clip_x0=get_bool(smp, "clip_x0", "sampler"),
+        num_samples=smp.num_samples, num_steps=smp.num_steps, batch_size=smp.batch_size, seed=smp.seed,
+        clip_x0=smp.clip_x0,
         repeats=get_int(bench, "repeats", "bench", minimum=1),
         check_subset=get_int(bench, "check_subset", "bench", minimum=2, optional=True),
         check_samples=get_int(bench, "check_samples", "bench", minimum=0),
-        kernels=table_kernels(bench, str(cfg.model.name)),
+        kernels=table_kernels(bench.get("kernels"), str(cfg.model.name)),
         max_kernel_slowdown=get_float(bench, "max_kernel_slowdown", "bench", low=1.0),
     )
 
 
-def table_kernels(bench: DictConfig, name: str) -> tuple[str, ...] | str | None:
-    """bench.kernels: null, ``all``, or a list of pca_locality kernels to time side by side."""
-    value = bench.get("kernels")
-    if value is None:
-        return None
-    if name != "pca_locality":
-        raise ConfigError(f"bench.kernels compares the kernels of pca_locality; model={name} measures its own "
-                          "choice per step: drop bench.kernels")
-    allowed = (*TABLE_KERNELS, "float64")
-    if value == "all":
-        return "all"
-    names = list(value) if isinstance(value, ListConfig) else [value]
-    bad = [k for k in names if k not in allowed]
-    if bad or not names:
-        raise ConfigError(f"bench.kernels must be all or a list of {', '.join(allowed)}, got {value!r}; "
-                          "e.g. bench.kernels=all or bench.kernels=[float32,int8_intmm]")
-    return tuple(names)
-
-
 def run_bench(cfg: DictConfig) -> dict:
-    from locality.devices import resolve_device
-
-    device = resolve_device(str(cfg.hardware.device))
-    name, params = model_params(cfg.model, device, kernel_store_dir(cfg))
+    """Settings, images, then :func:`locality.timing.benchmark`."""
     settings = bench_settings(cfg)
+    name, params = model_params(cfg.model, model_device(cfg), kernel_store_dir(cfg))
     images = load_training_images(cfg)
     return benchmark(name, params, images, str(cfg.dataset.name), settings)
 

@@ -24,7 +24,7 @@ METRICS = [
 
 
 def default_uri() -> str:
-    from locality.config import project_root
+    from locality.app.config import project_root
 
     return f"sqlite:///{project_root() / 'outputs' / 'mlflow.db'}"
 
@@ -97,7 +97,7 @@ APP_KEYS = {"tracking.uri": "uri", "tracking.experiment": "experiment"}
 
 
 def compare(sweep: str, uri: str, experiment: str, out_dir: Path | None, log_to_parent: bool = True) -> str:
-    from locality.tracking import open_client
+    from locality.app.tracking import open_client
 
     client = open_client(uri, create=False)
     exp = client.get_experiment_by_name(experiment)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in settings.items():
         setattr(args, name, value)
     uri = args.uri or default_uri()
-    from locality.tracking import TrackingStoreError, open_client
+    from locality.app.tracking import TrackingStoreError, open_client
 
     try:
         client = open_client(uri, create=False)

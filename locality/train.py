@@ -24,10 +24,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from locality.config import ConfigError, get_bool, get_float, get_int, register_resolvers
-from locality.devices import resolve_device
-from locality.jobs import run_or_exit, run_tracked_job
-from locality.settings import load_training_images
+from locality.app.config import ConfigError, get_bool, get_float, get_int, register_resolvers
+from locality.app.devices import resolve_device
+from locality.app.jobs import run_or_exit, run_tracked_job
+from locality.app.settings import load_training_images
+from locality.unet.training import TrainSettings
 
 register_resolvers()
 log = logging.getLogger("locality.train")
@@ -64,8 +65,8 @@ def unet_architecture(node: Any, dataset: str, channels: int) -> str | dict[str,
 def make_sample_fn(out: Path, tracked, node: Any, image_shape: tuple[int, ...], device: torch.device):
     """The checkpoint hook: a DDIM sample grid of the EMA net -> samples/epoch_<E>.png + MLflow."""
     from locality.images import save_grid
-    from locality.models.unet import UNetDenoiser
-    from locality.pipeline import sample
+    from locality.models.unet_denoiser import UNetDenoiser
+    from locality.sampling import sample
 
     num_samples = get_int(node, "num_samples", "train.samples", minimum=0)
     num_steps = get_int(node, "num_steps", "train.samples", minimum=1)
@@ -83,7 +84,28 @@ def make_sample_fn(out: Path, tracked, node: Any, image_shape: tuple[int, ...], 
     return sample_fn
 
 
+def train_settings(t: DictConfig) -> TrainSettings:
+    """``cfg.train`` -> the recipe of :func:`locality.unet.training.train_unet`."""
+    weights = str(t.get("weights_dtype"))
+    if weights not in WEIGHTS_DTYPES:
+        raise ConfigError(f"train.weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights!r}")
+    return TrainSettings(
+        epochs=get_int(t, "epochs", "train", minimum=1),
+        batch_size=get_int(t, "batch_size", "train", minimum=1),
+        lr=get_float(t, "lr", "train", low=0.0, low_open=True),
+        ema_decay=get_float(t, "ema_decay", "train", low=0.0, high=1.0),
+        grad_clip=None if t.get("grad_clip") is None else get_float(t, "grad_clip", "train", low=0.0, low_open=True),
+        warmup_steps=get_int(t, "warmup_steps", "train", minimum=0),
+        seed=get_int(t, "seed", "train", minimum=0),
+        checkpoint_every=get_int(t, "checkpoint_every", "train", minimum=1),
+        log_every=get_int(t, "log_every", "train", minimum=1),
+        max_steps=get_int(t, "max_steps", "train", minimum=1, optional=True),
+        weights_dtype=WEIGHTS_DTYPES[weights],
+    )
+
+
 def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
+    """Settings, images, :func:`locality.unet.training.train_unet`; returns the metrics."""
     from locality.unet.training import train_unet
 
     t = cfg.train
@@ -94,34 +116,17 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
     log.info("dataset %s/%s: %d images of shape %s (%.1f s)", cfg.dataset.name, cfg.dataset.split, N,
              (C, H, W), time.perf_counter() - start)
     setting = unet_architecture(t, str(cfg.dataset.name), C)
-    weights = str(t.get("weights_dtype"))
-    if weights not in WEIGHTS_DTYPES:
-        raise ConfigError(f"train.weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights!r}")
-    grad_clip = t.get("grad_clip")
+    settings = train_settings(t)
     ckpt_dir = Path(str(t.checkpoint_dir)).expanduser()
     log.info("training UNet %s on %s for %s epochs (batch %s) -> %s", setting, device, t.epochs, t.batch_size, ckpt_dir)
     tracked.set_tags({"checkpoint_dir": str(ckpt_dir), "unet": str(setting)})
 
     start = time.perf_counter()
     result = train_unet(
-        images, setting,
-        epochs=get_int(t, "epochs", "train", minimum=1),
-        batch_size=get_int(t, "batch_size", "train", minimum=1),
-        lr=get_float(t, "lr", "train", low=0.0, low_open=True),
-        ema_decay=get_float(t, "ema_decay", "train", low=0.0, high=1.0),
-        grad_clip=None if grad_clip is None else get_float(t, "grad_clip", "train", low=0.0, low_open=True),
-        warmup_steps=get_int(t, "warmup_steps", "train", minimum=0),
-        device=device,
-        seed=get_int(t, "seed", "train", minimum=0),
-        checkpoint_dir=ckpt_dir,
-        checkpoint_every=get_int(t, "checkpoint_every", "train", minimum=1),
-        resume=get_bool(t, "resume", "train"),
+        images, setting, settings, device=device, checkpoint_dir=ckpt_dir, resume=get_bool(t, "resume", "train"),
         log_fn=lambda metrics, step: tracked.log_metrics(metrics, step=step),
-        log_every=get_int(t, "log_every", "train", minimum=1),
         sample_fn=make_sample_fn(out, tracked, t.samples, (C, H, W), device),
         progress=get_bool(cfg, "progress", ""),
-        max_steps=get_int(t, "max_steps", "train", minimum=1, optional=True),
-        weights_dtype=WEIGHTS_DTYPES[weights],
     )
     seconds = time.perf_counter() - start
     if result.resumed_from is not None:

@@ -1,5 +1,5 @@
 """The GPU benchmark of the README's performance section (no Hydra needed: it calls
-locality.benchmarking directly). Usage: ``python scripts/gpu_check.py OUT_DIR --probe|--fmnist|--large [--smoke]``
+locality.timing directly). Usage: ``python scripts/gpu_check.py OUT_DIR --probe|--fmnist|--large [--smoke]``
 (scripts/gpu_check.sh runs them). ``--probe``: the bf16x6 logits' exactness and speed (the
 calibration of its rounding factor). The others write their reports to
 OUT_DIR/bench_<section>.json as they go:
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from locality.atomic import write_json_atomic
-from locality.benchmarking import BenchSettings, benchmark
+from locality.timing import BenchSettings, benchmark
 from locality.data import load_dataset
 from locality.data.common import to_unit_range
 from locality.data.synthetic import natural_image_proxy

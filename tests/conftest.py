@@ -1,4 +1,5 @@
-"""Shared fixtures: composed configs, the real Fashion-MNIST, the reference vectors."""
+"""Shared fixtures and helpers: composed configs, the real Fashion-MNIST, the reference vectors,
+and the entry points run in a subprocess with their outputs read back."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from locality.config import config_dir, register_resolvers
+from locality.app.config import config_dir, register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
+#: A run small enough for a sweep cell in a test: 200 images, 2 samples, 2 steps.
+TINY_RUN = ["dataset.subset_size=200", "sampler.num_samples=2", "sampler.batch_size=2", "sampler.num_steps=2"]
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -78,3 +81,38 @@ def run_app(args: list[str], tmp: Path, module: str = "locality.run", timeout: i
     """Run an entry point in a subprocess with outputs, caches and MLflow under ``tmp``."""
     command, full_env = app_command(args, tmp, module, env)
     return subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def run_on_mnist(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    """``python -m locality.run`` on dataset=mnist from ``tmp``/datasets (models under ``tmp``/models),
+    outputs under ``tmp``/out, one thread."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "locality.run", f"paths.data_dir={tmp}", f"paths.output_dir={tmp / 'out'}",
+         f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "dataset=mnist", "hardware=cpu", "progress=false",
+         *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def run_dirs(tmp: Path) -> list[Path]:
+    """The finished run directories of :func:`run_on_mnist` under ``tmp``."""
+    return sorted(p.parent for p in (tmp / "out" / "runs").glob("*/*/status.json"))
+
+
+def sweep_dir(tmp: Path) -> Path:
+    """The one sweep directory under ``tmp``/outputs (:func:`run_app` with --multirun)."""
+    (found,) = (tmp / "outputs" / "multiruns").glob("*/*")
+    return found
+
+
+def runs_by_cell(tmp: Path):
+    """(client, parent runs, child runs) of the sweeps in ``tmp``/mlflow.db."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    exp = client.get_experiment_by_name("locality")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("locality.sweep") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children

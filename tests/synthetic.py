@@ -1,9 +1,12 @@
-"""Small synthetic inputs for the model tests, and the float64 oracles (locality.models.oracle)
-in the tests' argument order: images [N, C, H, W] and samples [B, C, H, W] in, [B, n] out."""
+"""The tests' shared factories and oracles: small synthetic inputs for the model tests, a tiny
+UNet architecture, a pickle that runs code, and the float64 oracles (locality.models.oracle) in
+the tests' argument order: images [N, C, H, W] and samples [B, C, H, W] in, [B, n] out.
+(Files in the datasets' real formats: data_factories.py.)"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -11,6 +14,20 @@ from locality.models.autotune import Decision, KernelTuner
 from locality.models.masks import locality_mask
 from locality.models.oracle import optimal_oracle, pca_locality_oracle
 from locality.schedule import alpha_bar
+
+
+#: A UNet small enough for CPU tests (1 channel, images divisible by 2), without dropout.
+TINY_UNET = dict(ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0, in_channels=1, out_channels=1)
+
+
+class Payload:
+    """Unpickling this creates ``marker``: stands for a pickle whose __reduce__ runs any code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
 
 
 def local_images(seed: int = 0, num: int = 60, side: int = 6) -> torch.Tensor:

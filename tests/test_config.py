@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from conftest import REPO, compose
 
 MODELS = ["pca_locality", "optimal", "wiener", "nearest_dataset", "els", "pspc"]
-DATASETS = {"mnist": (28, 1, 0.005), "fashion_mnist": (28, 1, 0.005), "cifar10": (32, 3, 0.05),
-            "celeba_hq": (64, 3, 0.02), "afhq": (64, 3, 0.02)}
+DATASETS = {"mnist": (28, 0.005), "fashion_mnist": (28, 0.005), "cifar10": (32, 0.05),
+            "celeba_hq": (64, 0.02), "afhq": (64, 0.02)}
 
 
 def test_defaults_are_pca_locality_on_fashion_mnist():
@@ -26,9 +26,9 @@ def test_defaults_are_pca_locality_on_fashion_mnist():
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
 def test_every_model_and_dataset_compose(model, dataset):
     cfg = compose([f"model={model}", f"dataset={dataset}"])
-    resolution, channels, threshold = DATASETS[dataset]
+    resolution, threshold = DATASETS[dataset]
     assert cfg.model.name == model and cfg.dataset.name == dataset
-    assert cfg.dataset.resolution == resolution and cfg.dataset.channels == channels
+    assert cfg.dataset.resolution == resolution
     if model == "pca_locality":
         assert cfg.model.mask_threshold == threshold  # follows the dataset
     if model in ("pca_locality", "optimal"):
@@ -71,13 +71,21 @@ def test_run_directory_is_unique_per_process_and_names_the_run():
     assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}_${model.name}_${dataset.name}"
 
 
-def test_dense_kernel_choice_is_checked():
+def test_model_keys_are_checked_by_the_model():
+    """model.dense_kernel and model.chunk_size reach the model as given; the model checks them."""
     import torch
 
-    from locality.config import ConfigError
-    from locality.settings import model_params
+    from locality.app.settings import model_params
+    from locality.models import build_model
+    from locality.statistics import fit_statistics
 
     name, params = model_params(compose(["model=pca_locality"]).model, torch.device("cpu"))
-    assert name == "pca_locality" and params["dense_kernel"] == "auto"
-    with pytest.raises(ConfigError, match="model.dense_kernel must be one of auto, float32, bf16x6, bf16x3, int8, int8_onednn, int8_intmm, int8_gather, got 'tf32'"):
-        model_params(compose(["model=pca_locality", "model.dense_kernel=tf32"]).model, torch.device("cpu"))
+    assert name == "pca_locality" and params["dense_kernel"] == "auto" and params["chunk_size"] is None
+    images = torch.rand(8, 1, 4, 4) * 2 - 1
+    stats = fit_statistics(images, progress=False)
+    for override, message in (("model.dense_kernel=tf32", "model.dense_kernel must be one of auto, float32, bf16x6, "
+                                                          "bf16x3, int8, int8_onednn, int8_intmm, int8_gather, got 'tf32'"),
+                              ("model.chunk_size=0", "model.chunk_size must be a positive integer or null, got 0")):
+        name, params = model_params(compose(["model=pca_locality", override]).model, torch.device("cpu"))
+        with pytest.raises(ValueError, match=message):
+            build_model(name, images, stats, **params)

@@ -76,7 +76,7 @@ def test_cuda_default_matches_float64_on_the_full_fashion_mnist(fmnist_train):
     """The benchmark setting on the GPU: all 60 000 images, θ = 0.005, the default (whatever
     it measures fastest), each tensor-core kernel forced, every DDIM step within 1e-4 of a
     float64 run."""
-    from locality.pipeline import sample
+    from locality.sampling import sample
 
     stats = fit_statistics(fmnist_train, progress=False)
     m64 = build_model("pca_locality", fmnist_train, stats, mask_threshold=0.005, dtype=torch.float64, device=CUDA)
@@ -141,7 +141,7 @@ def test_cuda_optimal_wiener_nearest(synth):
 
 def test_cuda_sampling_matches_cpu(synth):
     """The noise is drawn on the CPU, so a CUDA run follows the CPU trajectory."""
-    from locality.pipeline import sample
+    from locality.sampling import sample
 
     images, stats = synth
     runs = [sample(build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float64,
@@ -161,7 +161,7 @@ def test_cuda_memory_budget_reads_the_device():
 def test_cuda_unet_reference_vector_and_bf16_training(tmp_path):
     from conftest import require_reference
     from locality.unet.network import build_unet
-    from locality.unet.training import train_unet
+    from locality.unet.training import TrainSettings, train_unet
 
     ref = torch.load(require_reference("unet28_test_vector.pt"), weights_only=False)
     model = build_unet(dataset="mnist")
@@ -173,7 +173,8 @@ def test_cuda_unet_reference_vector_and_bf16_training(tmp_path):
     assert (out - ref["expected_output"]).abs().max() < 1e-2
     images = local_images(num=64, side=8)
     tiny = dict(ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0, in_channels=1, out_channels=1)
-    result = train_unet(images, tiny, epochs=1, batch_size=16, device=CUDA, checkpoint_dir=tmp_path, progress=False)
+    result = train_unet(images, tiny, TrainSettings(epochs=1, batch_size=16), device=CUDA, checkpoint_dir=tmp_path,
+                        progress=False)
     assert (result.epoch, result.step) == (1, 4)  # 64 images, batches of 16 (bf16 autocast on CUDA)
     assert math.isfinite(result.last_loss) and next(result.model.parameters()).device.type == "cuda"
     assert any(tmp_path.iterdir())

@@ -12,10 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import app_command, run_app
-from test_sweeps import runs_by_cell, sweep_dir
-
-TINY = ["dataset.subset_size=200", "sampler.num_samples=2", "sampler.batch_size=2", "sampler.num_steps=2"]
+from conftest import TINY_RUN, app_command, run_app, runs_by_cell, sweep_dir
 
 
 def wait_for_line(folder: Path, pattern: str, text: str, proc: subprocess.Popen) -> Path:
@@ -70,7 +67,7 @@ def listed(tmp: Path) -> str:
 
 def test_a_sweep_with_a_bad_cell_marks_its_parent_failed(tmp_path):
     # the second cell's override is no config of the group: Hydra stops the sweep while composing it
-    proc = run_app(["--multirun", "model=wiener,wienerr", *TINY, "hardware=cpu"], tmp_path)
+    proc = run_app(["--multirun", "model=wiener,wienerr", *TINY_RUN, "hardware=cpu"], tmp_path)
     assert proc.returncode != 0 and "wienerr" in proc.stderr
     _, (parent,), _ = runs_by_cell(tmp_path)
     assert parent.info.status == "FAILED"
@@ -80,7 +77,7 @@ def test_a_sweep_with_a_bad_cell_marks_its_parent_failed(tmp_path):
 
 def test_a_sweep_that_cannot_be_submitted_marks_its_parent_failed(tmp_path):
     # hardware=slurm where no cluster answers: sbatch fails (or is missing) at submission
-    proc = run_app(["--multirun", "hardware=slurm", "model=wiener,nearest_dataset", *TINY], tmp_path,
+    proc = run_app(["--multirun", "hardware=slurm", "model=wiener,nearest_dataset", *TINY_RUN], tmp_path,
                    env={"SLURM_CONF": str(tmp_path / "no_cluster.conf")})
     assert proc.returncode != 0
     _, (parent,), children = runs_by_cell(tmp_path)

@@ -88,7 +88,7 @@ def test_nearest_ties_take_the_lowest_index(kernel):
 def test_optimal_and_nearest_on_the_full_fashion_mnist(fmnist_train):
     """The app defaults on the benchmark setting: optimal within 1e-4 of float64 at every step
     (its float32 and low-noise kernels both exercised), nearest exactly the oracle's winner."""
-    from locality.pipeline import sample
+    from locality.sampling import sample
 
     m64 = build_model("optimal", fmnist_train, None, dtype=torch.float64)
     m32 = build_model("optimal", fmnist_train, None, dtype=torch.float32)

@@ -125,7 +125,7 @@ def test_default_float32_matches_float64_on_the_full_fashion_mnist(fmnist_train)
     """The shipped default (model.dtype=float32, dense_kernel=auto: the int8 kernel on an
     AVX-512 CPU, else float32) and the float32 GEMM kernel on the benchmark setting: all 60 000
     images, θ = 0.005, every DDIM step, stay within 1e-4 of the float64 computation."""
-    from locality.pipeline import sample
+    from locality.sampling import sample
 
     stats = fit_statistics(fmnist_train, progress=False)
     m64 = build_model("pca_locality", fmnist_train, stats, mask_threshold=0.005, dtype=torch.float64)

@@ -234,18 +234,20 @@ def test_run_app_samples_and_compares_with_the_unet(tmp_path, name, args, steps)
     the per-step comparison metrics, MLflow."""
     import json
 
-    from test_comparison import TINY, _run_app, _run_dirs
+    from conftest import run_dirs, run_on_mnist
+    from synthetic import TINY_UNET
     from data_factories import write_mnist_like
-    from locality.comparison import METRIC_NAMES, default_checkpoint_path
+    from locality.app.baseline import default_checkpoint_path
+    from locality.unet_comparison import METRIC_NAMES
     from locality.unet.checkpoint import save_unet_checkpoint
     from locality.unet.network import UNet
 
     write_mnist_like(tmp_path / "datasets", folder_name="MNIST", n_train=12, seed=1)
     torch.manual_seed(1)
-    save_unet_checkpoint(default_checkpoint_path(tmp_path / "models", "mnist"), UNet(**TINY).eval())
-    proc = _run_app([f"model={name}", "sampler.num_samples=3", "sampler.batch_size=2", *args], tmp_path)
+    save_unet_checkpoint(default_checkpoint_path(tmp_path / "models", "mnist"), UNet(**TINY_UNET).eval())
+    proc = run_on_mnist([f"model={name}", "sampler.num_samples=3", "sampler.batch_size=2", *args], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (out,) = _run_dirs(tmp_path)
+    (out,) = run_dirs(tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
     for metric in METRIC_NAMES:
         assert len(metrics[f"{metric}_per_step"]) == steps
@@ -253,7 +255,7 @@ def test_run_app_samples_and_compares_with_the_unet(tmp_path, name, args, steps)
     samples = torch.load(out / "samples.pt")
     assert samples.shape == (3, 1, 28, 28) and torch.isfinite(samples).all()
     # a schedule of the wrong length is refused in one line, naming the fix
-    proc = _run_app([f"model={name}", "sampler.num_steps=4", "model.patch_sizes=[5,3]"], tmp_path)
+    proc = run_on_mnist([f"model={name}", "sampler.num_steps=4", "model.patch_sizes=[5,3]"], tmp_path)
     assert proc.returncode == 2 and "has 2 entries but the sampler takes 4 steps" in proc.stderr
 
 

@@ -12,32 +12,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose, run_app
+from conftest import REPO, TINY_RUN, compose, run_app, runs_by_cell, sweep_dir
 from data_factories import write_mnist_like
-
-TINY = ["dataset.subset_size=200", "sampler.num_samples=2", "sampler.batch_size=2", "sampler.num_steps=2"]
-
-
-def sweep_dir(tmp: Path) -> Path:
-    (found,) = (tmp / "outputs" / "multiruns").glob("*/*")
-    return found
-
-
-def runs_by_cell(tmp: Path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-    exp = client.get_experiment_by_name("locality")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("locality.sweep") == "true"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return client, parents, children
 
 
 def test_local_sweep_isolates_failures_and_reruns_only_failed_cells(tmp_path):
     data = tmp_path / "mnist_data"
     grid = ["--multirun", "model=wiener,nearest_dataset", "dataset=fashion_mnist,mnist",
-            f"dataset.root={data}", *TINY]
+            f"dataset.root={data}", *TINY_RUN]
     proc = run_app(grid, tmp_path)  # MNIST is absent: its two cells fail, the others complete
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
@@ -91,7 +73,7 @@ def test_compare_table_values_and_list(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from locality.compare import compare, main
-    from locality.tracking import prepare_store
+    from locality.app.tracking import prepare_store
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     exp = prepare_store(uri, "locality", str(tmp_path / "art"))
@@ -181,7 +163,7 @@ def test_sweep_through_a_real_slurm_cluster(tmp_path):
     data = tmp_path / "mnist_data"
     write_mnist_like(data, folder_name="MNIST", n_train=250, n_test=10, seed=1)
     proc = run_app(["--multirun", "hardware=slurm", "model=pca_locality,wiener", "dataset=fashion_mnist,mnist",
-                    f"dataset.root={data}", *TINY, "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
+                    f"dataset.root={data}", *TINY_RUN, "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
                     "hydra.launcher.timeout_min=10", "hydra.launcher.array_parallelism=2"],
                    tmp_path, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -205,7 +187,7 @@ def test_sweep_through_a_real_slurm_cluster(tmp_path):
 
 
 def test_skip_completed_runs_again_a_cell_whose_config_changed(tmp_path):
-    grid = ["--multirun", "model=wiener,nearest_dataset", *TINY, "hardware=cpu", "tracking.enabled=false"]
+    grid = ["--multirun", "model=wiener,nearest_dataset", *TINY_RUN, "hardware=cpu", "tracking.enabled=false"]
     assert run_app(grid, tmp_path).returncode == 0
     sweep = sweep_dir(tmp_path)
     again = [*grid, f"hydra.sweep.dir={sweep}"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from locality.models.unet import UNetDenoiser
+from locality.models.unet_denoiser import UNetDenoiser
 from locality.schedule import alphas_cumprod
 from locality.unet.checkpoint import (
     CheckpointFormatError,
@@ -20,8 +21,9 @@ from locality.unet.checkpoint import (
     save_unet_checkpoint,
 )
 from conftest import reference_dir, require_reference
+from synthetic import Payload
 from locality.unet.network import DATASET_SETTINGS, SETTINGS, UNet, build_unet, infer_constructor, num_parameters
-from locality.unet.training import LAST_CHECKPOINT, train_unet
+from locality.unet.training import LAST_CHECKPOINT, TrainSettings, train_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = reference_dir()
@@ -212,10 +214,11 @@ def test_train_checkpoint_resume_load(tmp_path: Path) -> None:
     images = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     logged: list[tuple[dict, int]] = []
     sampled: list[tuple[int, int]] = []
-    common = dict(batch_size=4, lr=1e-3, ema_decay=0.9, grad_clip=1.0, device="cpu", seed=0,
-                  checkpoint_dir=tmp_path, checkpoint_every=1, progress=False, log_every=1)
+    recipe = TrainSettings(epochs=2, batch_size=4, lr=1e-3, ema_decay=0.9, grad_clip=1.0, seed=0,
+                           checkpoint_every=1, log_every=1)
+    common = dict(device="cpu", checkpoint_dir=tmp_path, progress=False)
     # 3 batches per epoch; stop after 4 steps, i.e. one batch into epoch 2.
-    first = train_unet(images, TINY_TRAIN, epochs=2, max_steps=4, log_fn=lambda m, s: logged.append((m, s)),
+    first = train_unet(images, TINY_TRAIN, replace(recipe, max_steps=4), log_fn=lambda m, s: logged.append((m, s)),
                        sample_fn=lambda m, e, s: sampled.append((e, s)), **common)
     assert (first.epoch, first.step) == (1, 4)
     assert (tmp_path / "ckpt_epoch_1.pt").exists() and (tmp_path / LAST_CHECKPOINT).exists()
@@ -225,7 +228,7 @@ def test_train_checkpoint_resume_load(tmp_path: Path) -> None:
     state = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
     assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (1, 4, 1)
 
-    second = train_unet(images, TINY_TRAIN, epochs=2, resume=True, **common)
+    second = train_unet(images, TINY_TRAIN, recipe, resume=True, **common)
     assert second.resumed_from == tmp_path / LAST_CHECKPOINT
     assert (second.epoch, second.step) == (2, 6)  # continues the count: 4 + the 2 batches left
     assert torch.isfinite(torch.tensor(second.last_loss))
@@ -241,15 +244,15 @@ def test_train_checkpoint_resume_load(tmp_path: Path) -> None:
     assert any(not torch.equal(second.net.state_dict()[k], v) for k, v in second.model.state_dict().items())
 
     # Same run without interruption: resume replays data order and noise exactly.
-    straight = train_unet(images, TINY_TRAIN, epochs=2, **{**common, "checkpoint_dir": tmp_path / "straight"})
+    straight = train_unet(images, TINY_TRAIN, recipe, **{**common, "checkpoint_dir": tmp_path / "straight"})
     assert straight.step == 6
     for k, v in straight.model.state_dict().items():
         torch.testing.assert_close(second.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
 
     with pytest.raises(CheckpointMismatchError, match="cannot resume"):
-        train_unet(images, {**TINY_TRAIN, "ch_mult": [1, 1]}, epochs=3, resume=True, **common)
+        train_unet(images, {**TINY_TRAIN, "ch_mult": [1, 1]}, replace(recipe, epochs=3), resume=True, **common)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        train_unet(images * 3, TINY_TRAIN, epochs=1, progress=False)
+        train_unet(images * 3, TINY_TRAIN, TrainSettings(epochs=1), progress=False)
 
 
 # --------------------------------------------------------------------------- downloads
@@ -297,16 +300,6 @@ def test_download_success_via_file_url(tmp_path: Path) -> None:
     assert script.main(argv) == 1
     assert not script.checkpoint_path(root, "fashion_mnist").exists()
     assert script.checkpoint_path(root, "fashion_mnist").with_suffix(".pt.invalid").exists()
-
-
-class Payload:
-    """Unpickling this creates ``marker``: stands for a pickle whose __reduce__ runs any code."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def test_a_checkpoint_that_pickles_code_is_refused_unless_trusted(tmp_path: Path, small_net: UNet) -> None:

@@ -5,9 +5,8 @@ from locality.models.nearest import NearestDatasetDenoiser
 from locality.models.optimal import OptimalDenoiser
 from locality.models.pca_locality import PcaLocalityDenoiser
 from locality.models.wiener import WienerDenoiser
-from locality.models import unet as _unet  # noqa: F401  (registers "unet")
-from locality.models import peers as _peers  # noqa: F401  (registers "els", "pspc")
 from locality.models.peers import ElsDenoiser, PspcDenoiser
+from locality.models.unet_denoiser import UNetDenoiser
 
 
 def build_model(name: str, images, stats, **params) -> Denoiser:
@@ -17,5 +16,5 @@ def build_model(name: str, images, stats, **params) -> Denoiser:
 
 __all__ = [
     "Denoiser", "ElsDenoiser", "NearestDatasetDenoiser", "OptimalDenoiser", "PcaLocalityDenoiser", "PspcDenoiser",
-    "WienerDenoiser", "available_models", "build_model", "get_model_class", "register_model",
+    "UNetDenoiser", "WienerDenoiser", "available_models", "build_model", "get_model_class", "register_model",
 ]

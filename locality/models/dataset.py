@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from locality.models.autotune import KernelTuner, shape_key
 from locality.models.base import Denoiser
-from locality.models.memory import chunk_rows
+from locality.models.memory import check_chunk_size, chunk_rows
 
 
 def flatten(images: torch.Tensor) -> torch.Tensor:
@@ -30,9 +30,7 @@ class DatasetDenoiser(Denoiser):
         self.device = torch.device(device)
         self.dtype = dtype
         self.images = flatten(images).to(self.device, self.dtype)
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer or null, got {chunk_size}")
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
         self.tuner = tuner if tuner is not None else KernelTuner(self.device)
 
     def image_norms(self) -> tuple[torch.Tensor, float]:

@@ -52,16 +52,22 @@ def memory_budget(device: torch.device | str, fraction: float = MEMORY_FRACTION,
     return max(budget, 1 << 20)
 
 
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """``model.chunk_size`` (images per streamed chunk) checked once, for every model: a positive
+    integer, or None to size chunks from free memory."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"model.chunk_size must be a positive integer or null, got {chunk_size!r}")
+    return chunk_size
+
+
 def chunk_rows(bytes_per_row: int, device: torch.device | str, override: int | None = None,
                total: int | None = None, fraction: float = MEMORY_FRACTION,
                cpu_cap: int = CPU_CHUNK_CAP_BYTES) -> int:
     """Dataset images per chunk: ``override`` (model.chunk_size) if given, else the memory
     budget (``cpu_cap`` on the CPU) divided by the working-set bytes one image adds; at least
     1, at most ``total``."""
-    if override is not None:
-        if override < 1:
-            raise ValueError(f"chunk_size must be a positive integer or null, got {override}")
-        rows = int(override)
+    if check_chunk_size(override) is not None:
+        rows = override
     else:
         rows = memory_budget(device, fraction, cpu_cap) // max(1, int(bytes_per_row))
     rows = max(1, rows)

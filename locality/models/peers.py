@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from locality.models.autotune import KernelTuner, shape_key
 from locality.models.base import Denoiser, register_model
+from locality.models.memory import check_chunk_size
 from locality.models.patch_kernels import (
     Band, Tile, masked_tile_average, sliding_average, window_logit_error_estimate,
 )
@@ -86,11 +87,9 @@ class PatchDenoiser(Denoiser):
                  chunk_size: int | None = None) -> None:
         if images.dim() != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"model.chunk_size must be a positive integer or null, got {chunk_size}")
         self.device = torch.device(device)
         self.dtype = dtype
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
         self.images = images.to(self.device, torch.float32 if dtype == torch.float32 else torch.float64)
         self._images64: torch.Tensor | None = None
         self.y_abs_max = float(self.images.abs().max()) if self.images.numel() else 0.0

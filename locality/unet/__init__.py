@@ -1,6 +1,6 @@
 """The baseline ε-prediction UNet: network, checkpoints and a plain training loop.
 
-The denoiser wrapper (x̂0 from ε̂) is :class:`locality.models.unet.UNetDenoiser`.
+The denoiser wrapper (x̂0 from ε̂) is :class:`locality.models.unet_denoiser.UNetDenoiser`.
 """
 
 from locality.unet.checkpoint import (
@@ -18,7 +18,7 @@ from locality.unet.network import (
     get_setting,
     infer_constructor,
 )
-from locality.unet.training import TrainResult, train_unet
+from locality.unet.training import TrainResult, TrainSettings, train_unet
 
 __all__ = [
     "DATASET_SETTINGS",
@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointFormatError",
     "CheckpointMismatchError",
     "TrainResult",
+    "TrainSettings",
     "UNet",
     "UNetSetting",
     "build_unet",

@@ -1,7 +1,8 @@
 """Training the baseline UNet: ε-prediction MSE, Adam, EMA, resumable checkpoints.
 
-A plain function of tensors and numbers: no Hydra, no MLflow (pass ``log_fn`` to log metrics
-anywhere). Checkpoints in ``checkpoint_dir``:
+:func:`train_unet` takes tensors, a :class:`TrainSettings` recipe and hooks: no Hydra, no MLflow
+(pass ``log_fn`` to log metrics anywhere). Its steps are the methods of :class:`Training`:
+build the networks, resume, train an epoch, write a checkpoint. Checkpoints in ``checkpoint_dir``:
 
 - ``ckpt_epoch_{E}.pt`` every ``checkpoint_every`` epochs and after the last epoch,
 - ``last.pt`` next to every checkpoint written, and when training stops early at ``max_steps``;
@@ -21,7 +22,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -83,213 +84,256 @@ def diffusion_loss(
     return F.mse_loss(net(x_t, t).float(), eps.float())
 
 
-def train_unet(
-    images: torch.Tensor,
-    setting: str | Mapping[str, Any],
-    *,
-    epochs: int,
-    batch_size: int = 128,
-    lr: float = 2e-4,
-    ema_decay: float = 0.9999,
-    grad_clip: float | None = 1.0,
-    warmup_steps: int = 0,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    generator: torch.Generator | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 10,
-    resume: bool = False,
-    log_fn: LogFn | None = None,
-    log_every: int = 100,
-    sample_fn: SampleFn | None = None,
-    progress: bool = True,
-    amp_bf16_on_cuda: bool = True,
-    max_steps: int | None = None,
-    weights_dtype: torch.dtype | None = None,
-) -> TrainResult:
-    """Train an ε-predicting UNet on ``images`` [N, C, H, W] (float, in [-1, 1]).
+@dataclass(frozen=True)
+class TrainSettings:
+    """The recipe of :func:`train_unet`.
 
-    Args:
-        setting: a setting name (``"28px_1ch"``) or constructor kwargs for :class:`UNet`
-            (e.g. a tiny ``dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, in_channels=1, out_channels=1)``).
-        epochs: total epochs (a resumed run trains up to the same total).
-        lr, warmup_steps: Adam learning rate, linearly warmed up over ``warmup_steps`` steps (0: none).
-        ema_decay: EMA of the weights, updated after every optimizer step.
-        grad_clip: max global grad norm (None: no clipping).
-        seed / generator: the initial weights come from ``seed``, the data order from ``seed`` and
-            the epoch; t and ε from a device generator seeded from ``generator`` (if given) or
-            ``seed``. Dropout uses torch's global RNG (not replayed on resume).
-        checkpoint_dir, checkpoint_every: where and how often (in epochs) to write checkpoints.
-        resume: continue from ``checkpoint_dir/last.pt`` if it exists (else start fresh).
-        log_fn: called as ``log_fn(metrics, step)`` every ``log_every`` steps and at epoch ends.
-        sample_fn: hook called with (EMA model, epoch, step) after each checkpoint is written.
-        amp_bf16_on_cuda: bf16 autocast for the forward pass, on CUDA only (CPU stays float32).
-        max_steps: stop after this many optimizer steps in total (checkpoints ``last.pt``).
-        weights_dtype: dtype of ``model_state_dict`` in the files (None: float32).
+    epochs: total epochs (a resumed run trains up to the same total). lr, warmup_steps: Adam's
+    learning rate, linearly warmed up over ``warmup_steps`` steps (0: none). ema_decay: EMA of the
+    weights, updated after every optimizer step. grad_clip: max global grad norm (None: no
+    clipping). seed: the initial weights, the data order (with the epoch) and, without a
+    generator, t and ε. checkpoint_every: epochs between checkpoints. log_every: steps between
+    ``log_fn`` calls. max_steps: stop after this many optimizer steps in total (writing
+    ``last.pt``). amp_bf16_on_cuda: bf16 autocast for the forward pass, on CUDA only.
+    weights_dtype: dtype of ``model_state_dict`` in the files (None: float32).
     """
+
+    epochs: int
+    batch_size: int = 128
+    lr: float = 2e-4
+    ema_decay: float = 0.9999
+    grad_clip: float | None = 1.0
+    warmup_steps: int = 0
+    seed: int = 0
+    checkpoint_every: int = 10
+    log_every: int = 100
+    max_steps: int | None = None
+    amp_bf16_on_cuda: bool = True
+    weights_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError("epochs, batch_size and checkpoint_every must be >= 1")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based), after the warm-up."""
+        return self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else self.lr
+
+    def recipe(self, num_images: int) -> dict[str, Any]:
+        """What a checkpoint's ``train_config`` records."""
+        keys = ("epochs", "batch_size", "lr", "ema_decay", "grad_clip", "warmup_steps", "seed")
+        return {**{k: v for k, v in asdict(self).items() if k in keys}, "num_images": num_images}
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Training images must be [N, C, H, W], floating point, in [-1, 1]."""
     if images.ndim != 4:
         raise ValueError(f"images must be [N, C, H, W], got shape {list(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point in [-1, 1], got {images.dtype}")
     if images.numel() and (images.min() < -1.001 or images.max() > 1.001):
         raise ValueError(f"images must lie in [-1, 1], got range [{images.min():.3f}, {images.max():.3f}]")
-    if epochs < 1 or batch_size < 1 or checkpoint_every < 1:
-        raise ValueError("epochs, batch_size and checkpoint_every must be >= 1")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs a checkpoint_dir")
-    device = torch.device(device)
-    # Seeded initialisation without touching the caller's global RNG: same seed, same run.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = build_unet(setting)
-    # The network's own normalised config (lists, floats): what resume compares against.
-    constructor = dict(net.config)
-    N, C, H, W = images.shape
-    if C != constructor["in_channels"] or H % net.downsample_factor or W % net.downsample_factor:
-        raise ValueError(
-            f"images of shape [C={C}, H={H}, W={W}] do not fit the UNet {constructor} "
-            f"(H, W must be divisible by {net.downsample_factor})"
-        )
-    net = net.to(device)
-    ema = copy.deepcopy(net).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    # The frozen time table has no gradient; Adam only sees trainable parameters.
-    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
-    noise_gen = torch.Generator(device=device)
-    noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else seed)
-    train_config = dict(
-        epochs=epochs, batch_size=batch_size, lr=lr, ema_decay=ema_decay, grad_clip=grad_clip,
-        warmup_steps=warmup_steps, seed=seed, num_images=N,
-    )
 
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    epoch, step, batch_in_epoch, resumed_from = 0, 0, 0, None
-    if resume and ckpt_dir is not None and (ckpt_dir / LAST_CHECKPOINT).exists():
-        resumed_from = ckpt_dir / LAST_CHECKPOINT
-        state = read_checkpoint(resumed_from, map_location="cpu")
-        name = setting_name_for(constructor)
-        if dict(state.get("unet_config", {})) != constructor:
-            raise CheckpointMismatchError(
-                f"cannot resume from {resumed_from}: it was trained with {state.get('unet_config')}, "
-                f"not {constructor}", setting=name,
+
+class Training:
+    """The state of one training run (networks, optimizer, noise stream, counters) and its steps."""
+
+    def __init__(self, images: torch.Tensor, setting: str | Mapping[str, Any], settings: TrainSettings,
+                 device: torch.device, generator: torch.Generator | None, checkpoint_dir: Path | None) -> None:
+        self.images, self.settings, self.device, self.ckpt_dir = images, settings, device, checkpoint_dir
+        # Seeded initialisation without touching the caller's global RNG: same seed, same run.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            net = build_unet(setting)
+        # The network's own normalised config (lists, floats): what resume compares against.
+        self.constructor = dict(net.config)
+        N, C, H, W = images.shape
+        if C != self.constructor["in_channels"] or H % net.downsample_factor or W % net.downsample_factor:
+            raise ValueError(
+                f"images of shape [C={C}, H={H}, W={W}] do not fit the UNet {self.constructor} "
+                f"(H, W must be divisible by {net.downsample_factor})"
             )
-        for key, model in (("net_state_dict", net), ("model_state_dict", ema)):
+        self.net = net.to(device)
+        self.ema = copy.deepcopy(self.net).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        # The frozen time table has no gradient; Adam only sees trainable parameters.
+        self.optimizer = torch.optim.Adam([p for p in self.net.parameters() if p.requires_grad], lr=settings.lr)
+        self.noise_gen = torch.Generator(device=device)
+        self.noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator))
+                                   if generator is not None else settings.seed)
+        self.abar = alphas_cumprod(int(self.constructor["T"])).to(device)  # float64 [T]
+        self.steps_per_epoch = math.ceil(N / settings.batch_size)
+        self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
+        self.last_loss = float("nan")
+        self.window: list[float] = []
+        self.checkpoints: list[Path] = []
+
+    def resume(self, path: Path) -> None:
+        """Continue from the checkpoint ``path``: weights, optimizer, counters, noise stream."""
+        state = read_checkpoint(path, map_location="cpu")
+        name = setting_name_for(self.constructor)
+        if dict(state.get("unet_config", {})) != self.constructor:
+            raise CheckpointMismatchError(
+                f"cannot resume from {path}: it was trained with {state.get('unet_config')}, "
+                f"not {self.constructor}", setting=name,
+            )
+        for key, model in (("net_state_dict", self.net), ("model_state_dict", self.ema)):
             sd = {k: v.float() if v.is_floating_point() else v for k, v in state[key].items()}
-            check_state_dict(model, sd, name, f"{resumed_from}[{key}]")
+            check_state_dict(model, sd, name, f"{path}[{key}]")
             model.load_state_dict(sd)
-        optimizer.load_state_dict(state["optimizer_state_dict"])
-        epoch, step = int(state["epoch"]), int(state["step"])
-        batch_in_epoch = int(state.get("batch_in_epoch", 0))
-        saved_bs = state.get("train_config", {}).get("batch_size", batch_size)
-        if batch_in_epoch and saved_bs != batch_size:
+        self.optimizer.load_state_dict(state["optimizer_state_dict"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
+        saved_bs = state.get("train_config", {}).get("batch_size", self.settings.batch_size)
+        if self.batch_in_epoch and saved_bs != self.settings.batch_size:
             # A mid-epoch position counts batches of the saved size; another size would skip
             # or repeat images of the interrupted epoch.
-            raise ValueError(
-                f"{resumed_from} stopped mid-epoch with batch_size={saved_bs}; resume with the same batch_size"
-            )
+            raise ValueError(f"{path} stopped mid-epoch with batch_size={saved_bs}; resume with the same batch_size")
         if "noise_rng_state" in state:
-            noise_gen.set_state(state["noise_rng_state"].cpu())
+            self.noise_gen.set_state(state["noise_rng_state"].cpu())
 
-    abar = alphas_cumprod(int(constructor["T"])).to(device)  # float64 [T]
-    use_amp = amp_bf16_on_cuda and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
-    steps_per_epoch = math.ceil(N / batch_size)
-    checkpoints: list[Path] = []
-    window: list[float] = []
-    last_loss = float("nan")
+    def stopped(self) -> bool:
+        """Whether ``max_steps`` optimizer steps were taken."""
+        return self.settings.max_steps is not None and self.step >= self.settings.max_steps
 
-    def save(kind: str) -> None:
-        """Write ckpt_epoch_{epoch}.pt (kind="epoch") and/or last.pt, then run the sample hook."""
-        if ckpt_dir is None:
-            if sample_fn is not None:
-                sample_fn(ema, epoch, step)
-            return
-        extra = dict(
-            net_state_dict={k: v.detach().cpu() for k, v in net.state_dict().items()},
-            optimizer_state_dict=optimizer.state_dict(), epoch=epoch, step=step,
-            batch_in_epoch=batch_in_epoch, train_config=train_config,
-            noise_rng_state=noise_gen.get_state(), loss=last_loss,
-        )
-        last = ckpt_dir / LAST_CHECKPOINT
-        if kind == "epoch":
-            path = save_unet_checkpoint(ckpt_dir / f"ckpt_epoch_{epoch}.pt", ema, weights_dtype=weights_dtype, **extra)
-            checkpoints.append(path)
-            # last.pt is the same content: hard-link it (atomically) instead of writing it twice.
-            tmp = ckpt_dir / f".{LAST_CHECKPOINT}.link"
-            try:
-                if tmp.exists():
-                    tmp.unlink()
-                os.link(path, tmp)
-            except OSError:
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, last)
-        else:
-            save_unet_checkpoint(last, ema, weights_dtype=weights_dtype, **extra)
-        if sample_fn is not None:
-            sample_fn(ema, epoch, step)
-
-    def lr_at(s: int) -> float:
-        return lr * min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else lr
-
-    step_at_start = step
-    stopped = max_steps is not None and step >= max_steps
-    epoch_bar = tqdm(total=epochs, initial=epoch, desc="epochs", disable=not progress, dynamic_ncols=True)
-    t_start = time.perf_counter()
-    while epoch < epochs and not stopped:
+    def train_epoch(self, log_fn: LogFn | None, progress: bool) -> list[float]:
+        """The batches of the current epoch from ``batch_in_epoch`` on (or until ``max_steps``);
+        returns their losses."""
+        s = self.settings
         # Data order depends only on (seed, epoch): a resumed run replays the same permutation.
-        perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        net.train()
-        epoch_losses: list[float] = []
-        bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}",
+        perm = torch.randperm(self.images.shape[0], generator=torch.Generator().manual_seed(s.seed * 100_003 + self.epoch))
+        use_amp = s.amp_bf16_on_cuda and self.device.type == "cuda"
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
+        self.net.train()
+        losses: list[float] = []
+        bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}",
                    leave=False, disable=not progress, dynamic_ncols=True)
-        for b in range(batch_in_epoch, steps_per_epoch):
-            if max_steps is not None and step >= max_steps:
-                stopped = True
+        for b in range(self.batch_in_epoch, self.steps_per_epoch):
+            if self.stopped():
                 break
-            x0 = images[perm[b * batch_size:(b + 1) * batch_size]].to(device, torch.float32, non_blocking=True)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step)
+            x0 = self.images[perm[b * s.batch_size:(b + 1) * s.batch_size]].to(self.device, torch.float32,
+                                                                                 non_blocking=True)
+            for g in self.optimizer.param_groups:
+                g["lr"] = s.lr_at(self.step)
             with autocast():
-                loss = diffusion_loss(net, x0, abar, noise_gen)
-            optimizer.zero_grad(set_to_none=True)
+                loss = diffusion_loss(self.net, x0, self.abar, self.noise_gen)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-            optimizer.step()
-            ema_update(ema, net, ema_decay)
-            step += 1
-            batch_in_epoch = b + 1
+            if s.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), s.grad_clip)
+            self.optimizer.step()
+            ema_update(self.ema, self.net, s.ema_decay)
+            self.step += 1
+            self.batch_in_epoch = b + 1
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise FloatingPointError(f"training loss became {value} at step {step} (epoch {epoch + 1})")
-            window.append(value)
-            epoch_losses.append(value)
+                raise FloatingPointError(f"training loss became {value} at step {self.step} (epoch {self.epoch + 1})")
+            self.window.append(value)
+            losses.append(value)
             bar.update(1)
-            if step % log_every == 0:
-                last_loss = sum(window) / len(window)
-                window.clear()
-                bar.set_postfix(loss=f"{last_loss:.4f}")
+            if self.step % s.log_every == 0:
+                self.last_loss = sum(self.window) / len(self.window)
+                self.window.clear()
+                bar.set_postfix(loss=f"{self.last_loss:.4f}")
                 if log_fn is not None:
-                    log_fn({"train/loss": last_loss, "train/lr": lr_at(step - 1), "train/epoch": epoch + b / steps_per_epoch}, step)
+                    log_fn({"train/loss": self.last_loss, "train/lr": s.lr_at(self.step - 1),
+                            "train/epoch": self.epoch + b / self.steps_per_epoch}, self.step)
         bar.close()
-        if window:
-            last_loss = sum(window) / len(window)
-            window.clear()
+        if self.window:
+            self.last_loss = sum(self.window) / len(self.window)
+            self.window.clear()
+        return losses
+
+    def save(self, kind: str, sample_fn: SampleFn | None) -> None:
+        """Write ckpt_epoch_{epoch}.pt (kind="epoch") and/or last.pt, then run the sample hook."""
+        if self.ckpt_dir is not None:
+            extra = dict(
+                net_state_dict={k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+                optimizer_state_dict=self.optimizer.state_dict(), epoch=self.epoch, step=self.step,
+                batch_in_epoch=self.batch_in_epoch, train_config=self.settings.recipe(self.images.shape[0]),
+                noise_rng_state=self.noise_gen.get_state(), loss=self.last_loss,
+            )
+            last = self.ckpt_dir / LAST_CHECKPOINT
+            weights_dtype = self.settings.weights_dtype
+            if kind == "epoch":
+                path = save_unet_checkpoint(self.ckpt_dir / f"ckpt_epoch_{self.epoch}.pt", self.ema,
+                                            weights_dtype=weights_dtype, **extra)
+                self.checkpoints.append(path)
+                link_or_copy(path, last)  # last.pt is the same content
+            else:
+                save_unet_checkpoint(last, self.ema, weights_dtype=weights_dtype, **extra)
+        if sample_fn is not None:
+            sample_fn(self.ema, self.epoch, self.step)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` replaced atomically by a hard link to ``source`` (a copy where links fail)."""
+    tmp = target.with_name(f".{target.name}.link")
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def train_unet(
+    images: torch.Tensor,
+    setting: str | Mapping[str, Any],
+    settings: TrainSettings,
+    *,
+    device: str | torch.device = "cpu",
+    generator: torch.Generator | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    log_fn: LogFn | None = None,
+    sample_fn: SampleFn | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train an ε-predicting UNet on ``images`` [N, C, H, W] (float, in [-1, 1]) with ``settings``.
+
+    Args:
+        setting: a setting name (``"28px_1ch"``) or constructor kwargs for :class:`UNet`
+            (e.g. a tiny ``dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, in_channels=1, out_channels=1)``).
+        generator: seeds t and ε instead of ``settings.seed`` (dropout uses torch's global RNG,
+            not replayed on resume).
+        checkpoint_dir: where to write checkpoints (every ``settings.checkpoint_every`` epochs).
+        resume: continue from ``checkpoint_dir/last.pt`` if it exists (else start fresh).
+        log_fn: called as ``log_fn(metrics, step)`` every ``log_every`` steps and at epoch ends.
+        sample_fn: hook called with (EMA model, epoch, step) after each checkpoint is written.
+    """
+    check_images(images)
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    run = Training(images, setting, settings, torch.device(device), generator, ckpt_dir)
+    resumed_from = None
+    if resume and (ckpt_dir / LAST_CHECKPOINT).exists():
+        resumed_from = ckpt_dir / LAST_CHECKPOINT
+        run.resume(resumed_from)
+    step_at_start = run.step
+    stopped = run.stopped()
+    epoch_bar = tqdm(total=settings.epochs, initial=run.epoch, desc="epochs", disable=not progress, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    while run.epoch < settings.epochs and not stopped:
+        losses = run.train_epoch(log_fn, progress)
+        stopped = run.batch_in_epoch < run.steps_per_epoch  # max_steps reached inside the epoch
         if stopped:
             break
-        epoch += 1
-        batch_in_epoch = 0
+        run.epoch += 1
+        run.batch_in_epoch = 0
         epoch_bar.update(1)
-        if log_fn is not None and epoch_losses:
-            log_fn({"epoch/loss": sum(epoch_losses) / len(epoch_losses), "epoch/epoch": float(epoch),
-                    "epoch/seconds": time.perf_counter() - t_start}, step)
-        if epoch % checkpoint_every == 0 or epoch == epochs:
-            ema.eval()
-            save("epoch")
+        if log_fn is not None and losses:
+            log_fn({"epoch/loss": sum(losses) / len(losses), "epoch/epoch": float(run.epoch),
+                    "epoch/seconds": time.perf_counter() - t_start}, run.step)
+        if run.epoch % settings.checkpoint_every == 0 or run.epoch == settings.epochs:
+            run.ema.eval()
+            run.save("epoch", sample_fn)
     epoch_bar.close()
-    if stopped and step > step_at_start:
-        save("last")
-    ema.eval()
-    return TrainResult(model=ema, net=net, epoch=epoch, step=step, last_loss=last_loss,
-                       checkpoints=checkpoints, resumed_from=resumed_from)
+    if stopped and run.step > step_at_start:
+        run.save("last", sample_fn)
+    run.ema.eval()
+    return TrainResult(model=run.ema, net=run.net, epoch=run.epoch, step=run.step, last_loss=run.last_loss,
+                       checkpoints=run.checkpoints, resumed_from=resumed_from)

@@ -144,13 +144,14 @@ def test_corrupt_statistics_cache_is_recomputed_with_a_warning(tmp_path):
 def test_float64_accumulating_models_refuse_mps_clearly():
     import torch
 
-    from locality.config import ConfigError
-    from locality.settings import model_params
+    from locality.app.config import ConfigError
+    from locality.app.settings import model_params, place_model
     from conftest import compose
 
-    cfg = compose(["model=optimal"])
     with pytest.raises(ConfigError, match="hardware=cpu"):
-        model_params(cfg.model, torch.device("mps"))
+        place_model("optimal", torch.device("mps"), auto=False)
+    assert place_model("optimal", torch.device("mps"), auto=True) == torch.device("cpu")
+    assert place_model("wiener", torch.device("mps"), auto=False) == torch.device("mps")
     name, params = model_params(compose(["model=wiener"]).model, torch.device("mps"))
     assert name == "wiener" and params["dtype"] == torch.float32  # MPS has no float64
 
@@ -209,10 +210,10 @@ def test_a_checkpoint_that_pickles_code_is_refused_unless_trusted(tmp_path):
     import torch
 
     from locality.unet.network import UNet
-    from test_unet import TINY, Payload
+    from synthetic import TINY_UNET, Payload
 
     marker = tmp_path / "payload_ran"
-    net = UNet(**TINY)
+    net = UNet(**TINY_UNET)
     evil = tmp_path / "evil.pt"
     torch.save({"model_state_dict": net.state_dict(), "unet_config": dict(net.config), "x": Payload(marker)}, evil)
     for args in (["model=wiener", f"baseline.checkpoint={evil}"], ["model=unet", f"model.checkpoint={evil}"]):

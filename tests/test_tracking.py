@@ -22,7 +22,7 @@ SMALL = ["model=wiener", "dataset.subset_size=100", "sampler.num_samples=2", "sa
 JOB = """
 import sys, time
 from pathlib import Path
-from locality.tracking import TrackedRun
+from locality.app.tracking import TrackedRun
 uri, go, name = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 print("ready", flush=True)
 while not go.exists():
@@ -66,7 +66,7 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_a_half_migrated_store_is_reported_with_the_repair(tmp_path):
-    from locality.tracking import open_client
+    from locality.app.tracking import open_client
 
     db = tmp_path / "mlflow.db"
     open_client(f"sqlite:///{db}")
@@ -105,7 +105,7 @@ def test_a_store_that_cannot_be_used_fails_first_in_one_line(tmp_path, case):
 
 def test_compare_takes_the_run_apps_keys_and_refuses_unknown_arguments(tmp_path):
     from locality.compare import main
-    from locality.tracking import prepare_store
+    from locality.app.tracking import prepare_store
 
     uri = f"sqlite:///{tmp_path}/store.db"
     prepare_store(uri, "mine", str(tmp_path / "art"))

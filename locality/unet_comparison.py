@@ -10,7 +10,7 @@ Both models start from the SAME initial noise and use the same DDIM sampler. At 
 R² is of the analytical x̂0 against the UNet's (the UNet image's variance in the denominator), both
 averaged over images (:mod:`locality.metrics`).
 
-Usage with :func:`locality.pipeline.sample` (what the run app does)::
+Usage with :func:`locality.sampling.sample` (what the run app does)::
 
     cmp = UNetComparison(unet, noise, timesteps, clip_x0=True)
     result = sample(model, ..., noise=noise, on_step=cmp.on_step)
@@ -22,7 +22,6 @@ first step, so memory holds one batch's trajectory, never the whole run's.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from pathlib import Path
@@ -31,74 +30,19 @@ from typing import Callable
 import torch
 
 from locality.metrics import StepAverages, mse_per_image, r2_per_image
-from locality.sampler import DenoiserFn, ddim_sample
+from locality.ddim import DenoiserFn, ddim_sample
 
-log = logging.getLogger(__name__)
-
-#: Where a dataset's published baseline lives, relative to ``paths.model_dir``.
-BASELINE_RELATIVE = "baseline_unet/{dataset}/ckpt_epoch_200.pt"
 #: The metric names, per step (MLflow ``step=i``) and with ``_final`` for the last step.
 METRIC_NAMES = ("r2_vs_unet", "mse_vs_unet", "r2_vs_unet_single", "mse_vs_unet_single")
 
 LogFn = Callable[[dict[str, float], int], None]
 
 
-def default_checkpoint_path(model_dir: str | os.PathLike, dataset: str) -> Path:
-    """``<model_dir>/baseline_unet/<dataset>/ckpt_epoch_200.pt`` (the published checkpoint's place)."""
-    return Path(model_dir) / BASELINE_RELATIVE.format(dataset=dataset)
-
-
-def how_to_get_checkpoint(dataset: str, data_dir: str | os.PathLike | None = None) -> str:
-    """The commands that put a baseline checkpoint in place, for error messages and notices."""
-    root = f" --data-root {data_dir}" if data_dir is not None else ""
-    return (
-        f"download the published one with `python scripts/download_baselines.py --datasets {dataset}{root}`, "
-        f"or train one with `python -m locality.train dataset={dataset}`"
-    )
-
-
-def require_checkpoint(path: str | os.PathLike, dataset: str, data_dir: str | os.PathLike | None = None,
-                       key: str = "model.checkpoint") -> Path:
-    """``path`` if it is a file, else FileNotFoundError saying where it looked and how to get one."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"no UNet checkpoint at {p} ({key}); {how_to_get_checkpoint(dataset, data_dir)}, "
-            f"or point {key}=/path/to/checkpoint.pt at an existing file"
-        )
-    return p
-
-
-def resolve_baseline_checkpoint(
-    value: str | os.PathLike | None, default_path: str | os.PathLike, dataset: str,
-    data_dir: str | os.PathLike | None = None,
-) -> tuple[Path | None, str]:
-    """``baseline.checkpoint`` -> (checkpoint path or None, a notice for the log).
-
-    ``None`` / ``"null"`` / ``"none"`` / ``False``: comparison disabled. ``"auto"``: ``default_path``
-    when that file exists, else disabled with a notice. Anything else is a path that must exist
-    (FileNotFoundError otherwise: an explicit request is never silently dropped).
-    """
-    if value is None or value is False or str(value).strip().lower() in ("", "null", "none", "false", "off"):
-        return None, "comparison with the UNet disabled (baseline.checkpoint=null)"
-    if str(value).strip().lower() == "auto":
-        p = Path(default_path).expanduser()
-        if p.is_file():
-            return p, f"comparing with the baseline UNet {p} (baseline.checkpoint=auto)"
-        return None, (
-            f"no baseline UNet checkpoint at {p}, so no comparison with the UNet in this run; to compare, "
-            f"{how_to_get_checkpoint(dataset, data_dir)}, or set baseline.checkpoint=/path/to/ckpt.pt "
-            f"(baseline.checkpoint=null silences this notice)"
-        )
-    p = require_checkpoint(value, dataset, data_dir, key="baseline.checkpoint")
-    return p, f"comparing with the baseline UNet {p}"
-
-
 class UNetComparison:
     """Accumulates the per-step comparison while an analytical model samples (see module doc).
 
     Args:
-        unet: the baseline denoiser (x_t, t) -> x̂0 (e.g. :class:`locality.models.unet.UNetDenoiser`).
+        unet: the baseline denoiser (x_t, t) -> x̂0 (e.g. :class:`locality.models.unet_denoiser.UNetDenoiser`).
         noise: the initial noise [N, C, H, W] the analytical run starts from (same tensor!).
         timesteps: the sampler's timesteps (descending), as used by the analytical run.
         clip_x0: the sampler's clip option (the UNet trajectory uses the same sampler).
@@ -140,7 +84,7 @@ class UNetComparison:
         self._part = (part.start, part.stop)
 
     def on_step(self, i: int, t: int, x_t: torch.Tensor, x0: torch.Tensor, part: slice) -> None:
-        """The ``on_step`` hook of :func:`locality.pipeline.sample` (batch ``part`` at step i)."""
+        """The ``on_step`` hook of :func:`locality.sampling.sample` (batch ``part`` at step i)."""
         if t != self.timesteps[i]:
             raise ValueError(f"step {i} runs at t={t}, but the comparison was set up for t={self.timesteps[i]}")
         if self._part != (part.start, part.stop):
@@ -214,9 +158,9 @@ def compare_with_unet(
     progress: bool = False,
 ):
     """Sample ``model`` and compare it with ``unet`` step by step. Returns (SamplingResult of the
-    model, :class:`UNetComparison`). The noise is drawn as :func:`locality.pipeline.sample` does."""
-    from locality.pipeline import sample
-    from locality.sampler import initial_noise
+    model, :class:`UNetComparison`). The noise is drawn as :func:`locality.sampling.sample` does."""
+    from locality.sampling import sample
+    from locality.ddim import initial_noise
     from locality.schedule import ddim_timesteps
 
     if noise is None:

@@ -13,8 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 from data_factories import write_mnist_like
-from locality.config import ConfigError, config_dir, register_resolvers
-from locality.models.unet import UNetDenoiser
+from locality.app.config import ConfigError, config_dir, register_resolvers
+from locality.models.unet_denoiser import UNetDenoiser
 from locality.train import unet_architecture
 from locality.unet.checkpoint import load_unet_checkpoint, read_checkpoint
 

@@ -8,7 +8,8 @@ URI scheme MLflow does not know. Creating or migrating an SQLite store happens u
 exclusive lock on ``<database>.lock`` beside it, so jobs started at once (separate terminals,
 sbatch scripts, SLURM array cells on several nodes) never migrate the same file concurrently.
 
-Only entry points import this module (it imports mlflow); the math core never does.
+Only the app layer and the entry points import this module (it imports mlflow); the math core
+never does.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import mlflow  # noqa: E402
 from mlflow.entities import RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from locality.config import ConfigError  # noqa: E402
+from locality.app.config import ConfigError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -298,11 +299,3 @@ class TrackedRun:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         elif path.exists():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-
-def iter_runs(uri: str, experiment: str, filter_string: str = "") -> Iterator[Any]:
-    client = open_client(uri, create=False)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return iter(())
-    return iter(client.search_runs([exp.experiment_id], filter_string=filter_string))

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from locality.benchmarking import BenchSettings, benchmark
+from locality.timing import BenchSettings, benchmark
 from locality.data.synthetic import natural_image_proxy
 
 

@@ -1,4 +1,5 @@
-"""Resolve a device name to a torch.device, never falling back silently."""
+"""``hardware.device`` resolved to a torch.device: an absent device is an error, never a silent
+fallback."""
 
 from __future__ import annotations
 
@@ -42,10 +43,3 @@ def resolve_device(name: str) -> torch.device:
             "(it needs Apple silicon and macOS 12.3+). Choose hardware=cpu or hardware=auto."
         )
     return torch.device(name)
-
-
-def default_dtype_for(device: torch.device, requested: torch.dtype) -> torch.dtype:
-    """MPS has no float64: the compute dtype there is float32 (the masks stay float64-built)."""
-    if device.type == "mps" and requested == torch.float64:
-        return torch.float32
-    return requested

@@ -28,7 +28,7 @@ def project_root() -> Path:
     env = os.environ.get("LOCALITY_ROOT")
     if env:
         return Path(env).expanduser().resolve()
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]
     if (here / "pyproject.toml").exists() and (here / "conf").is_dir():
         return here
     return Path.cwd().resolve()

@@ -3,32 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from conftest import run_dirs, run_on_mnist
 from data_factories import write_mnist_like
-from locality.comparison import (
-    METRIC_NAMES,
-    compare_with_unet,
-    default_checkpoint_path,
-    require_checkpoint,
-    resolve_baseline_checkpoint,
-)
+from synthetic import TINY_UNET
+from locality.app.baseline import default_checkpoint_path
+from locality.unet_comparison import METRIC_NAMES, compare_with_unet
 from locality.metrics import StepAverages, mse_per_image, r2_per_image
 from locality.models import build_model
-from locality.models.unet import UNetDenoiser
-from locality.pipeline import sample
+from locality.models.unet_denoiser import UNetDenoiser
+from locality.sampling import sample
 from locality.unet.checkpoint import save_unet_checkpoint
 from locality.unet.network import UNet
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(ch=32, ch_mult=[1, 2], attn=[], num_res_blocks=1, dropout=0.0, in_channels=1, out_channels=1)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,30 +62,13 @@ def test_step_averages_average_over_images_across_batches() -> None:
     assert StepAverages(1).means()[0] != StepAverages(1).means()[0]  # nan without data
 
 
-def test_resolve_baseline_checkpoint(tmp_path: Path) -> None:
-    default = default_checkpoint_path(tmp_path / "models", "mnist")
-    assert default == tmp_path / "models" / "baseline_unet" / "mnist" / "ckpt_epoch_200.pt"
-    for off in (None, "null", False):
-        assert resolve_baseline_checkpoint(off, default, "mnist")[0] is None
-    path, notice = resolve_baseline_checkpoint("auto", default, "mnist", tmp_path)
-    assert path is None and str(default) in notice and "download_baselines.py" in notice
-    default.parent.mkdir(parents=True)
-    default.write_bytes(b"x")
-    assert resolve_baseline_checkpoint("auto", default, "mnist")[0] == default
-    with pytest.raises(FileNotFoundError, match="locality.train") as err:
-        resolve_baseline_checkpoint(str(tmp_path / "nope.pt"), default, "mnist")
-    assert "nope.pt" in str(err.value) and "baseline.checkpoint" in str(err.value)
-    with pytest.raises(FileNotFoundError, match="download_baselines.py --datasets mnist"):
-        require_checkpoint(tmp_path / "missing.pt", "mnist")
-
-
 # --------------------------------------------------------------------------- orchestration
 
 
 @pytest.fixture(scope="module")
 def tiny_unet() -> UNetDenoiser:
     torch.manual_seed(0)
-    return UNetDenoiser(UNet(**TINY).eval())
+    return UNetDenoiser(UNet(**TINY_UNET).eval())
 
 
 def test_comparison_matches_separate_runs(tiny_unet: UNetDenoiser, tmp_path: Path) -> None:
@@ -144,20 +118,6 @@ def test_unet_against_itself_is_perfect(tiny_unet: UNetDenoiser) -> None:
 # --------------------------------------------------------------------------- run app end to end
 
 
-def _run_app(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "locality.run", f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}",
-         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "dataset=mnist", "hardware=cpu", "progress=false",
-         *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-
-
-def _run_dirs(tmp_path: Path) -> list[Path]:
-    return sorted(p.parent for p in (tmp_path / "out" / "runs").glob("*/*/status.json"))
-
-
 @pytest.mark.slow
 def test_run_app_compares_with_unet(tmp_path: Path) -> None:
     import mlflow
@@ -166,12 +126,12 @@ def test_run_app_compares_with_unet(tmp_path: Path) -> None:
     torch.manual_seed(1)
     # the auto default: the dataset's file under the data root (a tiny custom architecture,
     # rebuilt from the stored unet_config)
-    ckpt = save_unet_checkpoint(default_checkpoint_path(tmp_path / "models", "mnist"), UNet(**TINY).eval())
+    ckpt = save_unet_checkpoint(default_checkpoint_path(tmp_path / "models", "mnist"), UNet(**TINY_UNET).eval())
     steps = 3
-    proc = _run_app(["model=optimal", "sampler.num_samples=3", "sampler.batch_size=2",
+    proc = run_on_mnist(["model=optimal", "sampler.num_samples=3", "sampler.batch_size=2",
                      f"sampler.num_steps={steps}", "baseline.grid_images=2"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (out,) = _run_dirs(tmp_path)
+    (out,) = run_dirs(tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
     for name in METRIC_NAMES:
         assert -1e6 < metrics[f"{name}_final"] <= 1e6
@@ -192,9 +152,9 @@ def test_run_app_compares_with_unet(tmp_path: Path) -> None:
     assert any(p.endswith("unet_samples.png") for p in artifacts)
 
     # model=unet on the baseline checkpoint itself: samples, and skips comparing with itself
-    proc = _run_app(["model=unet", "sampler.num_samples=2", "sampler.num_steps=2"], tmp_path)
+    proc = run_on_mnist(["model=unet", "sampler.num_samples=2", "sampler.num_steps=2"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out_unet = [d for d in _run_dirs(tmp_path) if d != out][0]
+    out_unet = [d for d in run_dirs(tmp_path) if d != out][0]
     assert "r2_vs_unet_final" not in json.loads((out_unet / "metrics.json").read_text())
     assert "no comparison with the UNet" in (out_unet / "run.log").read_text()
     assert ckpt.exists()
@@ -203,7 +163,7 @@ def test_run_app_compares_with_unet(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_run_app_missing_unet_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     write_mnist_like(tmp_path / "datasets", folder_name="MNIST", n_train=12, seed=1)
-    proc = _run_app(["model=unet", "sampler.num_samples=2", "sampler.num_steps=2"], tmp_path)
+    proc = run_on_mnist(["model=unet", "sampler.num_samples=2", "sampler.num_steps=2"], tmp_path)
     assert proc.returncode == 2
     where = default_checkpoint_path(tmp_path / "models", "mnist")
     assert str(where) in proc.stderr

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from locality.pipeline import sample
-from locality.sampler import ddim_sample, ddim_step
+from locality.sampling import sample
+from locality.ddim import ddim_sample, ddim_step
 from locality.schedule import alpha_bar, alphas_cumprod, ddim_timesteps, eps_from_x0, x0_from_eps
 
 

@@ -52,7 +52,7 @@ def cell_status(cell_dir: Path) -> dict[str, Any] | None:
 def config_changes(cfg: DictConfig, cell_dir: Path, limit: int = 5) -> list[str]:
     """``key: old -> new`` for every value of ``cfg`` that differs from the cell's config.yaml
     (keys of :data:`UNCOMPARED_KEYS` aside); ``["config.yaml unreadable"]`` if it cannot be read."""
-    from locality.tracking import flatten
+    from locality.app.tracking import flatten
 
     try:
         before = flatten(OmegaConf.to_container(OmegaConf.load(cell_dir / "config.yaml")))
@@ -73,7 +73,7 @@ def run_cell(cfg: DictConfig, out: Path, run: Callable[[DictConfig, Path, str | 
     """One cell of a sweep: skipped when it completed with this config (sweep.skip_completed),
     else ``run(cfg, out, parent_run_id)``. A failure is logged and gives None, so the other cells
     go on (the sweep's end names it); a stop signal ends the sweep."""
-    from locality.config import get_bool
+    from locality.app.config import get_bool
 
     try:
         previous = cell_status(out)
@@ -96,7 +96,7 @@ def run_cell(cfg: DictConfig, out: Path, run: Callable[[DictConfig, Path, str | 
 
 def find_parent_run(uri: str, experiment: str, sweep_dir: Path) -> str | None:
     """The id of the parent run of the sweep in ``sweep_dir`` (None if there is none)."""
-    from locality.tracking import open_client
+    from locality.app.tracking import open_client
 
     client = open_client(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -151,8 +151,8 @@ class SweepTracking(Callback):
         tracking = self._tracking(config)
         if tracking is None:
             return
-        from locality.jobs import refuse
-        from locality.tracking import TrackingStoreError, open_client, prepare_store
+        from locality.app.jobs import refuse
+        from locality.app.tracking import TrackingStoreError, open_client, prepare_store
 
         try:
             experiment_id = prepare_store(str(tracking.uri), str(tracking.experiment),
@@ -176,7 +176,7 @@ class SweepTracking(Callback):
             log.info("sweep %s: reusing MLflow parent run %s", sweep_dir.name, self.parent_run_id)
         self._ended = False
         atexit.register(self._fail_if_unfinished, config)
-        from locality.jobs import stop_on_signals
+        from locality.app.jobs import stop_on_signals
 
         # Signals in the launching process take the same path as in a job: Interrupted, then the
         # exit hook below marks the parent FAILED naming the signal. (Kept out of self: the
@@ -206,7 +206,7 @@ class SweepTracking(Callback):
         tracking = self._tracking(config)
         if tracking is None or not self.parent_run_id:
             return
-        from locality.tracking import open_client
+        from locality.app.tracking import open_client
 
         client = open_client(str(tracking.uri))
         client.set_tag(self.parent_run_id, "cells", str(len(cells)))
@@ -219,7 +219,7 @@ class SweepTracking(Callback):
         """At the exit of a sweep that never reached on_multirun_end: parent FAILED, cells counted."""
         if self._ended:
             return
-        from locality import jobs
+        from locality.app import jobs
 
         try:
             cells, failed = self._summary(config)

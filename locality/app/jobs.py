@@ -18,8 +18,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from locality.atomic import DiskFullError, atomic_write, write_json_atomic
-from locality.config import ConfigError, get_bool
-from locality.devices import DeviceUnavailableError
+from locality.app.config import ConfigError, get_bool
+from locality.app.devices import DeviceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def run_tracked_job(cfg: DictConfig, out: Path, execute: Execute, *, tags: Mappi
     exception (a stop signal included) marks the MLflow run FAILED (with the error) and
     propagates; a store that cannot be used fails before any work, with status.json only.
     """
-    from locality.tracking import TrackedRun, flatten
+    from locality.app.tracking import TrackedRun, flatten
 
     artifacts = tuple(artifacts)
     with stop_on_signals():

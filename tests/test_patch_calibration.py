@@ -1,4 +1,4 @@
-"""Patch-size calibration (locality.calibration, python -m locality.calibrate)."""
+"""Patch-size calibration (locality.patch_calibration, python -m locality.calibrate)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from locality.calibration import calibrate_patch_sizes, criterion_values
+from locality.patch_calibration import calibrate_patch_sizes, criterion_values
 from locality.models import build_model
 
 
@@ -49,10 +49,11 @@ def test_criteria_by_hand():
 
 @pytest.mark.slow
 def test_calibrate_app_writes_a_preset_the_run_app_takes(tmp_path):
-    from test_comparison import TINY, _run_dirs
+    from conftest import run_dirs
+    from synthetic import TINY_UNET
     from conftest import REPO
     from data_factories import write_mnist_like
-    from locality.comparison import default_checkpoint_path
+    from locality.app.baseline import default_checkpoint_path
     from locality.unet.checkpoint import save_unet_checkpoint
     from locality.unet.network import UNet
     import os
@@ -61,7 +62,7 @@ def test_calibrate_app_writes_a_preset_the_run_app_takes(tmp_path):
 
     write_mnist_like(tmp_path / "datasets", folder_name="MNIST", n_train=12, seed=1)
     torch.manual_seed(1)
-    save_unet_checkpoint(default_checkpoint_path(tmp_path / "models", "mnist"), UNet(**TINY).eval())
+    save_unet_checkpoint(default_checkpoint_path(tmp_path / "models", "mnist"), UNet(**TINY_UNET).eval())
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
     common = [f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}", "dataset=mnist",
               "hardware=cpu"]
@@ -82,7 +83,7 @@ def test_calibrate_app_writes_a_preset_the_run_app_takes(tmp_path):
     proc = app("locality.run", f"--config-dir={out}", *common, "experiment=calibrated_els_mnist",
                "sampler.num_samples=2", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "progress=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = _run_dirs(tmp_path)
+    (run,) = run_dirs(tmp_path)
     config = (run / "config.yaml").read_text()
     assert f"patch_sizes:\n  - {sizes[0]}\n  - {sizes[1]}" in config and "name: els" in config
     # no UNet checkpoint: a clear error, exit status 2

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from locality.sampler import DenoiserFn, ddim_sample, initial_noise
+from locality.ddim import DenoiserFn, ddim_sample, initial_noise
 from locality.schedule import alpha_bar, ddim_timesteps
 
 CRITERIA = ("mse", "score_cosine")

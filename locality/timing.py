@@ -1,7 +1,7 @@
-"""The benchmark's measuring core (no Hydra): time the statistics fit, the mask building and the
-sampling of a denoiser, read peak memory, measure the largest deviation from the float64 oracle
-(:mod:`locality.models.oracle`) on a subset, and with ``kernels`` time every eligible kernel of
-pca_locality side by side (alternating runs over the same noise) in one table.
+"""Timing a denoiser, the benchmark's core (no Hydra): time the statistics fit, the mask building
+and the sampling of a denoiser, read peak memory, measure the largest deviation from the float64
+oracle (:mod:`locality.models.oracle`) on a subset, and with ``kernels`` time every eligible
+kernel of pca_locality side by side (alternating runs over the same noise) in one table.
 
 ``python -m locality.bench`` is its Hydra entry point; ``scripts/gpu_check.py`` calls
 :func:`benchmark` directly on a machine without Hydra.
@@ -18,6 +18,25 @@ import torch
 
 TABLE_KERNELS = ("float32", "bf16x6", "bf16x3", "int8_onednn", "int8_intmm", "int8_gather")  # + float64: model.dtype=float64
 TABLE_PROBE_STEP = 500  # the dense step on which the table's kernels are screened for speed
+
+
+def table_kernels(value, name: str) -> tuple[str, ...] | str | None:
+    """``bench.kernels`` checked: None, ``all``, or names of pca_locality's kernels (a name or a
+    list) to time side by side; ``name`` is the benchmarked model."""
+    if value is None:
+        return None
+    if name != "pca_locality":
+        raise ValueError(f"bench.kernels compares the kernels of pca_locality; model={name} measures its own "
+                         "choice per step: drop bench.kernels")
+    if value == "all":
+        return "all"
+    allowed = (*TABLE_KERNELS, "float64")
+    names = [value] if isinstance(value, str) else list(value)
+    bad = [k for k in names if k not in allowed]
+    if bad or not names:
+        raise ValueError(f"bench.kernels must be all or a list of {', '.join(allowed)}, got {value!r}; "
+                         "e.g. bench.kernels=all or bench.kernels=[float32,int8_intmm]")
+    return tuple(names)
 
 
 @dataclass(frozen=True)
@@ -78,45 +97,65 @@ def _reset_hwm() -> bool:
 def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, settings: BenchSettings) -> dict:
     """Time fitting and sampling of model ``name`` (keyword ``params``, ``device`` among them)
     on ``images`` [N, C, H, W]; returns the report (a JSON-able dict)."""
-    from locality.models import build_model, get_model_class
-
     device = torch.device(params["device"])
     report = describe(name, params, images, dataset, settings, device)
+    stats, model = fit_and_build(name, params, images, settings.num_steps, report)
+    contenders, skipped = [Contender(name, model, params, [], [], {})], {}
+    if settings.kernels is not None:
+        rivals, skipped = kernel_contenders(name, params, images, stats, model, settings)
+        contenders += rivals
+    report.update(measure_sampling(contenders, tuple(images.shape[1:]), settings, device))
+    report.update(kernel_choices(model))
+    if settings.check_samples > 0:
+        main = contenders[0]
+        report.update(deviation_report(name, main.params, images, stats, main.result, settings, device))
+    if settings.kernels is not None:
+        report["kernel_table"] = kernel_table(name, images, stats, contenders, skipped, settings, device)
+    return report
+
+
+def fit_and_build(name: str, params: dict, images: torch.Tensor, num_steps: int, report: dict):
+    """(statistics or None, model), with ``statistics_fit_s`` and ``mask_build_s`` in ``report``:
+    the per-timestep constants (masks), like the statistics, are timed apart from sampling."""
+    from locality.models import build_model, get_model_class
+    from locality.statistics import fit_statistics
+
     stats = None
     if get_model_class(name).needs_statistics:
-        from locality.statistics import fit_statistics
-
         start = time.perf_counter()
         stats = fit_statistics(images, progress=False)
         report["statistics_fit_s"] = time.perf_counter() - start
     model = build_model(name, images, stats, **params)
-    if hasattr(model, "plan"):  # per-timestep constants (masks), like the statistics: timed apart
-        report["mask_build_s"] = build_masks(model, settings.num_steps)
-    contenders = [Contender(name, model, params, [], [], {})]
-    skipped = {}
-    if settings.kernels is not None:
-        rivals, skipped = kernel_contenders(name, params, images, stats, model, settings)
-        contenders += rivals
+    if hasattr(model, "plan"):
+        report["mask_build_s"] = build_masks(model, num_steps)
+    return stats, model
+
+
+def measure_sampling(contenders: list[Contender], shape: tuple[int, ...], settings: BenchSettings,
+                     device: torch.device) -> dict:
+    """The default's sampling times (:func:`timing_report`) and the peak memory while the
+    contenders sample in alternation."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base_rss = _vm_hwm_bytes()
     rss_before = _vm_hwm_bytes() if _reset_hwm() else base_rss
-    sample_alternating(contenders, tuple(images.shape[1:]), settings, device)
-    main = contenders[0]
-    report.update(timing_report(main))
+    sample_alternating(contenders, shape, settings, device)
+    report = timing_report(contenders[0])
     peak = _vm_hwm_bytes()
     report["peak_rss_process_gib"] = peak / 2**30
     report["peak_rss_growth_sampling_gib"] = (peak - rss_before) / 2**30
     if device.type == "cuda":
         report["cuda_max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return report
+
+
+def kernel_choices(model) -> dict:
+    """What a model that chooses kernels planned and how long it spent measuring them."""
+    report = {}
     if hasattr(model, "planned_strategies"):
         report["strategies"] = model.planned_strategies()
     if hasattr(model, "tuner"):
         report["kernel_probe_s"] = model.tuner.probe_seconds_total
-    if settings.check_samples > 0:
-        report.update(deviation_report(name, main.params, images, stats, main.result, settings, device))
-    if settings.kernels is not None:
-        report["kernel_table"] = kernel_table(name, images, stats, contenders, skipped, settings, device)
     return report
 
 
@@ -155,14 +194,8 @@ def kernel_contenders(name: str, params: dict, images: torch.Tensor, stats, mode
     from locality.models import build_model
     from locality.models.pca_locality.selection import step_candidates
 
-    if name != "pca_locality":
-        raise ValueError(f"bench.kernels compares the kernels of pca_locality; model={name} has one kernel "
-                         "choice, measured per step: drop bench.kernels")
-    wanted = TABLE_KERNELS if settings.kernels == "all" else tuple(settings.kernels)
-    unknown = [k for k in wanted if k not in TABLE_KERNELS + ("float64",)]
-    if unknown:
-        raise ValueError(f"bench.kernels: unknown kernel(s) {unknown}; allowed: all, or a list of "
-                         f"{', '.join(TABLE_KERNELS + ('float64',))}")
+    kernels = table_kernels(settings.kernels, name)
+    wanted = TABLE_KERNELS if kernels == "all" else kernels
     g = torch.Generator().manual_seed(settings.seed)
     x = torch.randn((settings.batch_size, *images.shape[1:]), generator=g)
     step = model.step_inputs(x, TABLE_PROBE_STEP)
@@ -210,7 +243,7 @@ def sample_alternating(contenders: list[Contender], shape: tuple[int, ...], sett
                        device: torch.device) -> None:
     """``settings.repeats`` rounds; in each, every contender samples the same noise in turn (A B C
     A B C …), so their medians come from the same minutes of a machine whose speed drifts."""
-    from locality.pipeline import sample
+    from locality.sampling import sample
 
     for _ in range(settings.repeats):
         for c in contenders:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from locality.sampler import DenoiserFn, ddim_sample, initial_noise
+from locality.ddim import DenoiserFn, ddim_sample, initial_noise
 from locality.schedule import ddim_timesteps
 
 
