@@ -2,7 +2,7 @@
 
 Hydra composes conf/config.yaml; this module turns the config into plain values and explicit
 objects (device, MLflow run) and hands them to the math core. Outputs go to Hydra's run
-directory: config.yaml, samples/, grid.png, intermediates/, comparison/ (vs the baseline UNet),
+directory: config.yaml, samples/, grid.png, nearest.png, intermediates/, comparison/ (vs the baseline UNet),
 metrics.json, status.json, run.log.
 """
 
@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from locality.comparison import require_checkpoint
+from locality.analysis.memorization import record_memorization
 from locality.atomic import atomic_torch_save
 from locality.config import check_finite_numbers, get_bool, get_int, register_resolvers
 from locality.devices import resolve_device
@@ -79,7 +80,6 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
         params["checkpoint"] = str(require_checkpoint(params["checkpoint"], cfg.dataset.name, cfg.paths.data_dir))
     denoiser = build_model(name, images, stats, **params)
     image_shape = tuple(images.shape[1:])
-    del images
 
     comparison = setup_comparison(cfg, name, params, image_shape, sampler, device)
     result = sample(
@@ -100,6 +100,7 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
     if save_samples:
         write_samples(result.samples, out / "samples")
     save_grid(result.samples, out / "grid.png", columns=grid_columns)
+    metrics.update(record_memorization(result.samples, images, out, grid_columns, log.info))  # nearest.png
     if sampler.save_intermediates:
         for i, t in enumerate(result.timesteps):
             save_grid(result.x_t[i], out / "intermediates" / "x_t" / f"step_{i:02d}_t{t:04d}.png")
@@ -145,7 +146,7 @@ def run(cfg: DictConfig, out: Path, parent_run_id: str | None = None) -> dict[st
     status.json says how it ended."""
     metrics = run_tracked_job(
         cfg, out, execute, tags={"model": cfg.model.name, "dataset": cfg.dataset.name},
-        artifacts=("grid.png", "metrics.json", "config.yaml", "samples", "intermediates", "comparison"),
+        artifacts=("grid.png", "nearest.png", "metrics.json", "config.yaml", "samples", "intermediates", "comparison"),
         log_file="run.log", parent_run_id=parent_run_id,
     )
     log.info("done: %s (grid.png, samples/, metrics.json, run.log)", out)
