@@ -178,17 +178,17 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
         else:
             inputs[source] = trajectory_inputs(model, (count, *shape), ddim_timesteps(sampler.num_steps), seed,
                                                clip_x0=sampler.clip_x0, device=device)
-    mask_column = None
-    if outline and stats is not None:
-        masks: dict[int, torch.Tensor] = {}
+    masks: dict[int, torch.Tensor] = {}
 
-        def mask_column(t: int, pixel: tuple[int, int, int]) -> torch.Tensor:
-            if t not in masks:
-                masks[t] = locality_mask(stats, float(model.alpha_bar(t)), threshold)
-            m = (pixel[0] * shape[1] + pixel[1]) * shape[2] + pixel[2]
-            return masks[t][:, m].reshape(shape)
+    def mask_column(t: int, pixel: tuple[int, int, int]) -> torch.Tensor:
+        """The pca_locality mask column M_t[:, m] [C, H, W] at the support threshold."""
+        if t not in masks:
+            masks[t] = locality_mask(stats, float(model.alpha_bar(t)), threshold)
+        m = (pixel[0] * shape[1] + pixel[1]) * shape[2] + pixel[2]
+        return masks[t][:, m].reshape(shape)
 
-    study = study_sensitivity(model, unet, inputs, timesteps, pixels, mask_column, threshold, fraction,
+    study = study_sensitivity(model, unet, inputs, timesteps, pixels,
+                              mask_column if outline and stats is not None else None, threshold, fraction,
                               progress=log.info if progress else None)
     study.save(out)
     for step, values in study.step_metrics().items():

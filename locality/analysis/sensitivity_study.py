@@ -17,7 +17,6 @@ The field of a row at (source, pixel, t) is the mean over the B images of ∂x̂
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
