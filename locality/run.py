@@ -6,7 +6,7 @@ their statistics, build the denoiser (:mod:`locality.models`), set up the compar
 baseline UNet, sample with DDIM (:func:`locality.sampling.sample`, which calls the denoiser
 through :func:`locality.ddim.ddim_sample`), write the outputs. :func:`run` wraps it in a tracked
 job (:mod:`locality.app.jobs`: MLflow run, metrics.json, status.json). Outputs go to Hydra's run
-directory: config.yaml, samples/, grid.png, intermediates/, comparison/ (vs the baseline UNet),
+directory: config.yaml, samples/, grid.png, nearest.png (memorization), intermediates/, comparison/ (vs the baseline UNet),
 metrics.json, status.json, run.log.
 """
 
@@ -35,6 +35,7 @@ from locality.app.settings import (
     model_device,
     model_params,
 )
+from locality.analysis.memorization import record_memorization
 from locality.atomic import atomic_torch_save
 from locality.images import save_grid
 from locality.images import save_samples as write_samples
@@ -57,11 +58,12 @@ def execute(cfg: DictConfig, out: Path, tracked) -> dict[str, Any]:
     stats = statistics_for(name, images, cfg, metrics, tracked, progress)
     denoiser = build_denoiser(name, params, images, stats, cfg)
     image_shape = tuple(images.shape[1:])
-    del images
     comparison = setup_comparison(cfg, name, params, image_shape, sampler, device)
     result = draw_samples(denoiser, image_shape, sampler, device, comparison, progress)
     metrics.update(sampling_metrics(result, tracked))
     write_outputs(result, out, output, sampler)
+    # each sample's nearest training images (exact over all N), the copy fraction, nearest.png
+    metrics.update(record_memorization(result.samples, images, out, output.grid_columns, log.info))
     if comparison is not None:
         metrics.update(comparison_outputs(comparison, out, tracked))
     return metrics
@@ -180,7 +182,7 @@ def run(cfg: DictConfig, out: Path, parent_run_id: str | None = None) -> dict[st
     status.json says how it ended."""
     metrics = run_tracked_job(
         cfg, out, execute, tags={"model": cfg.model.name, "dataset": cfg.dataset.name},
-        artifacts=("grid.png", "metrics.json", "config.yaml", "samples", "intermediates", "comparison"),
+        artifacts=("grid.png", "nearest.png", "metrics.json", "config.yaml", "samples", "intermediates", "comparison"),
         log_file="run.log", parent_run_id=parent_run_id,
     )
     log.info("done: %s (grid.png, samples/, metrics.json, run.log)", out)

@@ -30,4 +30,4 @@ def test_api_lists_registries():
     import locality
 
     assert set(locality.available_models()) >= {"pca_locality", "optimal", "wiener", "nearest_dataset", "unet"}
-    assert set(locality.available_datasets()) == {"mnist", "fashion_mnist", "cifar10", "celeba_hq", "afhq"}
+    assert set(locality.available_datasets()) == {"mnist", "fashion_mnist", "cifar10", "celeba_hq", "afhq", "gaussian_field"}

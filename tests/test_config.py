@@ -11,7 +11,7 @@ from conftest import REPO, compose
 
 MODELS = ["pca_locality", "optimal", "wiener", "nearest_dataset", "els", "pspc"]
 DATASETS = {"mnist": (28, 0.005), "fashion_mnist": (28, 0.005), "cifar10": (32, 0.05),
-            "celeba_hq": (64, 0.02), "afhq": (64, 0.02)}
+            "celeba_hq": (64, 0.02), "afhq": (64, 0.02), "gaussian_field": (28, 0.02)}
 
 
 def test_defaults_are_pca_locality_on_fashion_mnist():

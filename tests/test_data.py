@@ -60,7 +60,7 @@ def _resized(images_nchw: np.ndarray, r: int) -> torch.Tensor:
 
 
 def test_registry_specs():
-    assert available_datasets() == sorted(["mnist", "fashion_mnist", "cifar10", "celeba_hq", "afhq"])
+    assert available_datasets() == sorted(["mnist", "fashion_mnist", "cifar10", "celeba_hq", "afhq", "gaussian_field"])
     assert isinstance(DATASETS["mnist"], DatasetSpec)
     assert (DATASETS["mnist"].channels, DATASETS["mnist"].native_resolution) == (1, 28)
     assert (DATASETS["fashion_mnist"].channels, DATASETS["fashion_mnist"].native_resolution) == (1, 28)

@@ -133,6 +133,7 @@ def load_training_images(cfg: DictConfig, subset: tuple[Any, str] | None = None)
         progress=get_bool(cfg, "progress", ""),
         # image folders: decoded pixels kept under paths.cache_dir (dataset.cache_decoded)
         cache_dir=cfg.paths.cache_dir if "cache_decoded" in ds and get_bool(ds, "cache_decoded", "dataset") else None,
+        options=OmegaConf.to_container(ds, resolve=True),  # a generated dataset's keys (DatasetSpec.options)
     )
 
 

@@ -153,6 +153,7 @@ class SweepTracking(Callback):
             return
         from locality.app.jobs import refuse
         from locality.app.tracking import TrackingStoreError, open_client, prepare_store
+        from locality.app.sweep_table import sweep_keys_tag
 
         try:
             experiment_id = prepare_store(str(tracking.uri), str(tracking.experiment),
@@ -166,6 +167,7 @@ class SweepTracking(Callback):
             run = client.create_run(experiment_id, run_name=str(name), tags={
                 SWEEP_DIR_TAG: str(sweep_dir), "locality.sweep": "true",
                 "sweep.overrides": " ".join(OmegaConf.to_container(config.hydra.overrides.task)),
+                "sweep.keys": sweep_keys_tag(expected_cells(config)),  # what locality.compare tabulates
             })
             self.parent_run_id = run.info.run_id
             log.info("sweep %s: MLflow parent run %s", name, self.parent_run_id)

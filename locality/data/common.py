@@ -6,7 +6,7 @@ Every loader returns a ``uint8`` tensor ``[N, C, H, W]`` already at the requeste
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +46,7 @@ class LoadRequest:
     progress: bool
     system_dirs: tuple[Path, ...]
     cache_dir: Path | None = None  # image folders keep their decoded pixels here (None: decode every time)
+    options: dict = field(default_factory=dict)  # the spec's extra dataset.* keys (DatasetSpec.options)
 
 
 def not_found(

@@ -7,6 +7,8 @@ Datasets (``dataset=<name>``; channels, native resolution, layout under ``datase
 - ``cifar10``: 3, 32, ``cifar-10-batches-py/{data_batch_1..5,test_batch}`` (torchvision layout)
 - ``celeba_hq``: 3, none (default 64), ``celeba_hq/<split>/**/*.{jpg,jpeg,png}``
 - ``afhq``: 3, none (default 64), ``afhq/<split>/{cat,dog,wild}/*.png`` (AFHQv2)
+- ``gaussian_field``: ``dataset.channels`` (1), none (default 28), generated in code
+  (:mod:`locality.data.gaussian_field`; options correlation_length, num_images, seed, channels)
 
 A new dataset is added with :func:`register_dataset` and a loader ``LoadRequest -> uint8 tensor
 [N, C, r, r]``.
@@ -23,6 +25,9 @@ import torch
 from locality.data.cifar import load_cifar10
 from locality.data.common import DatasetNotFoundError, LoadRequest, to_unit_range  # noqa: F401 (re-exported)
 from locality.data.folders import FOLDER_SPLITS, load_afhq, load_celeba_hq
+from locality.data.gaussian_field import DEFAULTS as GAUSSIAN_FIELD_DEFAULTS
+from locality.data.gaussian_field import SPLITS as GAUSSIAN_FIELD_SPLITS
+from locality.data.gaussian_field import load_gaussian_field
 from locality.data.idx import DEBIAN_FASHION_MNIST_DIR, load_fashion_mnist, load_mnist
 
 Loader = Callable[[LoadRequest], torch.Tensor]
@@ -42,6 +47,8 @@ class DatasetSpec:
         loader: ``LoadRequest -> uint8 [N, C, r, r]`` at the requested resolution.
         default_resolution: resolution used when none is requested; defaults to the native one.
         system_dirs: read-only fallback directories (e.g. a distribution package's copy).
+        options: further ``dataset.*`` keys the loader reads (``LoadRequest.options``), e.g. the
+            generated datasets' parameters; a key named ``channels`` sets C instead of ``channels``.
     """
 
     name: str
@@ -52,6 +59,7 @@ class DatasetSpec:
     loader: Loader = field(repr=False, compare=False)
     default_resolution: int | None = None
     system_dirs: tuple[Path, ...] = ()
+    options: tuple[str, ...] = ()
 
     def resolve_resolution(self, resolution: int | None) -> int:
         """The square output size for a requested ``resolution`` (``None``: default / native)."""
@@ -101,6 +109,7 @@ def load_dataset(
     progress: bool = True,
     system_dirs: Sequence[Path] | None = None,
     cache_dir: str | Path | None = None,
+    options: dict | None = None,
 ) -> torch.Tensor:
     """Load a dataset split as a float32 CPU tensor ``[N, C, H, W]`` with values in ``[-1, 1]``.
 
@@ -121,6 +130,8 @@ def load_dataset(
         cache_dir: image folders (celeba_hq, afhq) keep their decoded, resized pixels in
             ``<cache_dir>/decoded``, keyed by the files' bytes and the resolution, so a second
             run reads them instead of decoding every file (``None``: decode every time).
+        options: values of the spec's ``options`` keys (others are ignored; absent ones take the
+            loader's defaults).
 
     Raises:
         ValueError: unknown dataset, split not allowed, bad resolution or subset size, or a
@@ -146,9 +157,10 @@ def load_dataset(
         progress=bool(progress),
         system_dirs=tuple(Path(d) for d in (spec.system_dirs if system_dirs is None else system_dirs)),
         cache_dir=None if cache_dir is None else Path(cache_dir).expanduser(),
+        options={k: v for k, v in (options or {}).items() if k in spec.options},
     )
     images = spec.loader(request)
-    expected = (spec.channels, request.resolution, request.resolution)
+    expected = (int(request.options.get("channels", spec.channels)), request.resolution, request.resolution)
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != expected:
         raise RuntimeError(
             f"loader of {name!r} returned {images.dtype} {tuple(images.shape)}, expected uint8 [N, *{expected}]"
@@ -179,4 +191,9 @@ register_dataset(DatasetSpec(
     name="afhq", channels=3, native_resolution=None, default_resolution=64,
     splits=FOLDER_SPLITS, loader=load_afhq,
     how_to_get="manual: place AFHQv2 as <dataset.root>/afhq/<split>/{cat,dog,wild}/*.png",
+))
+register_dataset(DatasetSpec(
+    name="gaussian_field", channels=1, native_resolution=None, default_resolution=28, splits=GAUSSIAN_FIELD_SPLITS,
+    loader=load_gaussian_field, options=tuple(GAUSSIAN_FIELD_DEFAULTS),
+    how_to_get="nothing to get: generated in code from dataset.seed (locality.data.gaussian_field)",
 ))
