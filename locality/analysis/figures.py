@@ -12,7 +12,8 @@ import torch
 from locality.atomic import atomic_write
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display: clusters, CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,8 +22,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    plt = _pyplot()
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` as a PNG, atomically, and close it."""
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
@@ -35,7 +37,7 @@ def heatmap_grid(fields: Mapping[str, torch.Tensor], timesteps: Sequence[int], p
     summed over channels, each tile scaled to its own maximum (magnitudes differ by orders
     across t); the output pixel marked by a cross; ``mask`` [S, C, H, W] (the pca_locality mask
     column at each t) outlined in every tile of its column."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(fields)
     cols = len(timesteps)
     fig, axes = plt.subplots(len(names), cols, figsize=(1.5 * cols + 1.2, 1.55 * len(names) + 0.6), squeeze=False)
@@ -58,13 +60,13 @@ def heatmap_grid(fields: Mapping[str, torch.Tensor], timesteps: Sequence[int], p
                 ax.set_ylabel(name, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def line_plot(series: Mapping[str, Sequence[float]], xs: Sequence[float], path: Path, title: str, xlabel: str,
               ylabel: str, log_x: bool = False) -> Path:
     """One line per entry of ``series`` (name -> values at ``xs``; nan values are gaps)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, ys in series.items():
         ax.plot(list(xs), [math.nan if y is None else y for y in ys], marker="o", label=name)
@@ -77,4 +79,4 @@ def line_plot(series: Mapping[str, Sequence[float]], xs: Sequence[float], path: 
     if len(series) > 1:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -164,11 +164,11 @@ def heatmap(cells: Sequence[Cell], metric: str, title: str, rows: Sequence[str],
     """The table of one metric as a heatmap picture (rows × columns, values written in)."""
     import numpy as np
 
-    from locality.analysis.figures import _pyplot, _save
+    from locality.analysis.figures import pyplot, save_figure
 
     row_combos, col_combos, grid = table_grid(cells, metric, rows, cols)
     values = np.array(grid, float)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.8 + 1.5 * len(col_combos), 1.2 + 0.6 * len(row_combos)))
     image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(col_combos)), [column_label(cols, c) for c in col_combos], rotation=30, ha="right")
@@ -182,7 +182,7 @@ def heatmap(cells: Sequence[Cell], metric: str, title: str, rows: Sequence[str],
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def metric_lines(cells: Sequence[Cell], metric: str, x_key: str, keys: Sequence[str]) -> tuple[list[float], dict]:

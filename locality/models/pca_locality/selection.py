@@ -8,15 +8,16 @@ supports; which of those runs is decided by timing them on the real shapes
 one of three kinds, each with its candidates:
 
 * ``dense32``: the logits at float32 accuracy: ``float32``, ``bf16x6``, ``bf16x3``,
-  ``int8_onednn`` and ``int8_intmm`` (combined in float32), those whose estimate allows it;
+  ``int8_onednn``, ``int8_intmm`` and ``int8_gather`` (combined in float32), those whose
+  estimate allows it;
 * ``dense64`` where none of those is accurate enough (low noise): ``float64`` and the int8
   kernels with 4-5 digits combined in float64 where their estimate allows it;
 * ``sparse|…``: a mask whose every column has at most n/16 ones adds the direct-difference
   ``sparse`` kernel to the dense candidates of the step.
 
 ``model.dtype=float64`` (the exactness oracle) allows only ``float64`` and ``sparse``;
-``model.dense_kernel=NAME`` replaces the dense32/int8 candidates by NAME (``int8``: both int8
-backends), falling back to float64 where NAME cannot reach the tolerance.
+``model.dense_kernel=NAME`` replaces the dense32/int8 candidates by NAME (``int8``: the three
+int8 kernels), falling back to float64 where NAME cannot reach the tolerance.
 """
 
 from __future__ import annotations
