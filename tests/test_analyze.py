@@ -19,7 +19,7 @@ def _checkpoint(tmp_path):
     from locality.app.baseline import default_checkpoint_path
     from locality.unet.checkpoint import save_unet_checkpoint
     from locality.unet.network import UNet
-    from test_comparison import TINY
+    from synthetic import TINY_UNET as TINY
 
     torch.manual_seed(0)
     path = default_checkpoint_path(tmp_path / "data" / "models", "gaussian_field")

@@ -129,7 +129,7 @@ def test_pspc_streamed_gradient_matches_autograd_through_the_brute_force(p, mirr
 def test_unet_field_matches_finite_differences():
     from locality.models.unet_denoiser import UNetDenoiser
     from locality.unet.network import UNet
-    from test_comparison import TINY
+    from synthetic import TINY_UNET as TINY
 
     torch.manual_seed(0)
     unet = UNetDenoiser(UNet(**TINY).double().eval())
