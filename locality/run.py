@@ -185,7 +185,7 @@ def run(cfg: DictConfig, out: Path, parent_run_id: str | None = None) -> dict[st
         artifacts=("grid.png", "nearest.png", "metrics.json", "config.yaml", "samples", "intermediates", "comparison"),
         log_file="run.log", parent_run_id=parent_run_id,
     )
-    log.info("done: %s (grid.png, samples/, metrics.json, run.log)", out)
+    log.info("done: %s (grid.png, nearest.png, samples/, metrics.json, run.log)", out)
     return metrics
 
 
