@@ -329,7 +329,7 @@ def test_int8_probe_passes_here_and_catches_saturating_sums(backend, monkeypatch
     from locality.models.pca_locality.selection import int8_sums_exact
 
     assert int8_sums_exact(backend, "cpu")
-    name = "_onednn_mm" if backend == "onednn" else "_int_mm"
+    name = "_onednn_mm" if backend == "onednn" else "int_mm_padded"
     monkeypatch.setattr(int8, name, _saturating(getattr(int8, name)))
     assert not int8_sums_exact(backend, "cpu")
 

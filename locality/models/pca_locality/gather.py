@@ -22,13 +22,10 @@ Whether this beats the dense kernels on a machine is measured like every other c
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 from locality.models.memory import Workspace, chunk_rows, memory_budget
-from locality.models.pca_locality.int8 import Int8Images, Int8Kernel, _int_mm, fastest_int_mm_layout, to_digits
+from locality.models.pca_locality.int8 import Int8Images, Int8Kernel, int_mm_padded, fastest_accepted, to_digits
 from locality.models.pca_locality.kernel import Precision, Step
 from locality.models.pca_locality.plan import MaskPlan
 from locality.models.pca_locality.selection import (
@@ -92,25 +89,10 @@ def fastest_gather_form(codes: torch.Tensor, layout: str, repeats: int = 3) -> s
     count = min(512, codes.shape[0]) // 8 * 8 or 8
     columns = torch.arange(0, n, 4, device=codes.device)
     act = torch.ones(24, len(columns), dtype=torch.int8, device=codes.device)
-    times = {}
-    for form in (ROW_GATHER, COLUMN_GATHER):
-        side = GatheredImages(codes[:count], layout, form)
-        block = side.blocks(count)[0]
-        try:
-            torch._int_mm(act, side.operand(block, columns))
-        except RuntimeError:
-            continue
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch._int_mm(act, side.operand(block, columns))
-            if codes.device.type == "cuda":
-                torch.cuda.synchronize(codes.device)
-            samples.append(time.perf_counter() - start)
-        times[form] = statistics.median(samples)
-    if not times:
-        raise RuntimeError("torch._int_mm accepts neither gathered operand here")
-    return min(times, key=times.get)
+    sides = {form: GatheredImages(codes[:count], layout, form) for form in (ROW_GATHER, COLUMN_GATHER)}
+    blocks = {form: side.blocks(count)[0] for form, side in sides.items()}
+    return fastest_accepted({form: (lambda side=side, block=blocks[form]: torch._int_mm(act, side.operand(block, columns)))
+                             for form, side in sides.items()}, codes.device, repeats)
 
 
 def column_sets(mask: torch.Tensor, device: torch.device, align: int) -> list[tuple[torch.Tensor, bool]]:
@@ -188,10 +170,10 @@ def gather_step(side: GatheredImages, values: torch.Tensor, plan: MaskPlan, x64:
     for (start, stop, codes_op, high_op, low_op), block in zip(side.dense.chunks(size), side.blocks(size)):
         k = stop - start
         width = codes_op.shape[1]  # k rounded up to a multiple of 8 (int_mm operands)
-        full = _int_mm(full_act, codes_op, ws.take("full", (act_rows, width), torch.int32))[:rows, :k]
+        full = int_mm_padded(full_act, codes_op, ws.take("full", (act_rows, width), torch.int32))[:rows, :k]
         # Σ_n M (D² - 8192) = 128·(Mᵀ H) + Mᵀ L for every output: exact integers, converted once
-        quad_int = _int_mm(mask_codes, high_op, ws.take("quad_high", (n, width), torch.int32))
-        quad_int.mul_(128).add_(_int_mm(mask_codes, low_op, ws.take("quad_low", (n, width), torch.int32)))
+        quad_int = int_mm_padded(mask_codes, high_op, ws.take("quad_high", (n, width), torch.int32))
+        quad_int.mul_(128).add_(int_mm_padded(mask_codes, low_op, ws.take("quad_low", (n, width), torch.int32)))
         quad = ws.take("quad", (n, k), dtype).copy_(quad_int[:, :k]).mul_(-quad_scale)
         vals = ws.take("values", (n, k), dtype).copy_(values[start:stop].T)
         for (index, members, complement), acc in zip(groups, accumulators):
@@ -234,12 +216,11 @@ class Int8GatherKernel(Int8Kernel):
 
     def build(self, count: int) -> GatheredImages:
         codes = self.images.codes()
-        if self._layout is None:
-            self._layout = fastest_int_mm_layout(codes)
+        layout = self.int_mm_layout()
         if self._form is None:
-            self._form = fastest_gather_form(codes, self._layout)
+            self._form = fastest_gather_form(codes, layout)
         high, low = self.images.quad_digits()
-        return GatheredImages(codes[:count], self._layout, self._form, cublas_shapes=codes.device.type == "cuda",
+        return GatheredImages(codes[:count], layout, self._form, cublas_shapes=codes.device.type == "cuda",
                               quad=(high[:count], low[:count]))
 
     def run(self, side: GatheredImages, step: Step, precision: Precision, chunk_size: int | None) -> torch.Tensor:

@@ -27,6 +27,7 @@ one machine to another (oneDNN's quantized linear ran at ~1 TOPS on a Xeon with 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 import math
 import statistics
 import time
@@ -155,29 +156,37 @@ def int_mm_operand(weights: torch.Tensor, layout: str) -> torch.Tensor:
     return weights.T if layout == "view" else weights.T.contiguous()
 
 
-def fastest_int_mm_layout(codes: torch.Tensor, repeats: int = 3) -> str:
-    """The operand layout of ``torch._int_mm`` that runs faster here, timed on a product of
-    the real width (1 024 rows, 256 images; a layout the build refuses is never taken)."""
-    weights = codes[:256]
-    act = codes[: min(1024, len(codes))].repeat(max(1, 1024 // max(len(codes), 1)), 1)[:1024]
+def fastest_accepted(products: dict[str, Callable[[], object]], device: torch.device, repeats: int = 3) -> str:
+    """The name of the fastest of ``products`` (name -> a call of torch._int_mm on some operand
+    form): a median of ``repeats`` timed calls after one untimed one; a form whose call raises
+    (the build refuses it) is never taken."""
     times = {}
-    for layout in ("view", "copy"):
-        operand = int_mm_operand(weights, layout)
+    for name, product in products.items():
         try:
-            _int_mm(act, operand)
+            product()
         except RuntimeError:
             continue
         samples = []
         for _ in range(repeats):
             start = time.perf_counter()
-            _int_mm(act, operand)
-            if codes.device.type == "cuda":
-                torch.cuda.synchronize(codes.device)
+            product()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             samples.append(time.perf_counter() - start)
-        times[layout] = statistics.median(samples)
+        times[name] = statistics.median(samples)
     if not times:
-        raise RuntimeError("torch._int_mm accepts neither operand layout here")
+        raise RuntimeError(f"torch._int_mm accepts none of the operand forms {', '.join(products)} here")
     return min(times, key=times.get)
+
+
+def fastest_int_mm_layout(codes: torch.Tensor, repeats: int = 3) -> str:
+    """The operand layout of ``torch._int_mm`` that runs faster here, timed on a product of
+    the real width (1 024 rows, 256 images; a layout the build refuses is never taken)."""
+    weights = codes[:256]
+    act = codes[: min(1024, len(codes))].repeat(max(1, 1024 // max(len(codes), 1)), 1)[:1024]
+    operands = {layout: int_mm_operand(weights, layout) for layout in ("view", "copy")}
+    return fastest_accepted({layout: (lambda op=op: int_mm_padded(act, op)) for layout, op in operands.items()},
+                            codes.device, repeats)
 
 
 def _onednn_mm(act: torch.Tensor, packed: torch.Tensor, count: int, scale: float,
@@ -193,7 +202,7 @@ def _onednn_mm(act: torch.Tensor, packed: torch.Tensor, count: int, scale: float
                                                      torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
 
 
-def _int_mm(act: torch.Tensor, operand: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def int_mm_padded(act: torch.Tensor, operand: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """act [R, n] @ operand [n, K'] -> int32 [R, K'], exact (operand from
     :func:`int_mm_operand`, K' a multiple of 8), into ``out`` when given. cuBLAS wants more than
     16 rows: fewer are padded and sliced off. The CPU runs the same padding, so CPU tests cover it."""
@@ -240,7 +249,7 @@ def int8_logits(act_digits: torch.Tensor, mask_codes: torch.Tensor, chunk: tuple
         takes a mixed-dtype path ~10x slower than a plain float add."""
         if backend == "onednn":  # float32 outputs of exact integers
             return ws.take("product", (act.shape[0], count), dtype).copy_(_onednn_mm(act, weights, count, 1.0, None))
-        sums = _int_mm(act, weights, ws.take("sums", (act.shape[0], weights.shape[1]), torch.int32))
+        sums = int_mm_padded(act, weights, ws.take("sums", (act.shape[0], weights.shape[1]), torch.int32))
         return ws.take("product", tuple(sums.shape), dtype).copy_(sums)[:, :count]
 
     quad = ws.take("quad", (n_out, count), dtype).copy_(product(mask_codes, high)).mul_(128.0)
@@ -337,12 +346,17 @@ class Int8Kernel(Kernel):
                     return Precision(dtype, digits)
         return None
 
+    def int_mm_layout(self) -> str:
+        """The measured ``torch._int_mm`` operand layout (:func:`fastest_int_mm_layout`), once."""
+        if self._layout is None:
+            self._layout = fastest_int_mm_layout(self.images.codes())
+        return self._layout
+
     def build(self, count: int) -> Int8Images:
         codes = self.images.codes()
-        if self.backend == "int_mm" and self._layout is None:
-            self._layout = fastest_int_mm_layout(codes)
+        layout = self.int_mm_layout() if self.backend == "int_mm" else "view"
         high, low = self.images.quad_digits()
-        return Int8Images(codes[:count], self.backend, self._layout or "view", (high[:count], low[:count]))
+        return Int8Images(codes[:count], self.backend, layout, (high[:count], low[:count]))
 
     def run(self, side: Int8Images, step: Step, precision: Precision, chunk_size: int | None) -> torch.Tensor:
         count = side.codes.shape[0]
