@@ -62,7 +62,8 @@ Prepare = Callable[[int, int], Callable[[], object]]  # (images, samples) -> the
 @dataclass(frozen=True)
 class Decision:
     """The measured choice for one key: the winning kernel and every candidate's milliseconds
-    per 1 000 images at the last round it took part in (empty: not measured, a single candidate)."""
+    per 1 000 images, estimated for the full count from the last round it took part in (empty:
+    not measured, a single candidate)."""
 
     kernel: str
     ms_per_1000_images: dict[str, float]
@@ -71,12 +72,17 @@ class Decision:
     source: str  # "measured", "store" or "only candidate"
 
 
+def _added_image_rate(seconds: float, images: int, seconds_before: float, images_before: int) -> float:
+    """Seconds per image added between two timings (``images_before`` then ``images``)."""
+    return max(seconds - seconds_before, 0.0) / max(images - images_before, 1)
+
+
 def _full_count_rate(seconds: float, images: int, seconds_before: float, images_before: int,
                      total_images: int) -> float:
     """Seconds per image at ``total_images``, from two timings: the cost per added image r
-    between ``images_before`` and ``images``, plus the fixed part f = seconds - r·images spread
-    over all images (r + f / total). Without a fixed part this is seconds / images."""
-    rate = max(seconds - seconds_before, 0.0) / max(images - images_before, 1)
+    (:func:`_added_image_rate`), plus the fixed part f = seconds - r·images spread over all
+    images (r + f / total). Without a fixed part this is seconds / images."""
+    rate = _added_image_rate(seconds, images, seconds_before, images_before)
     fixed = max(seconds - rate * images, 0.0)
     return rate + fixed / max(total_images, images)
 
@@ -217,7 +223,7 @@ class KernelTuner:
         ``floor`` of images: a fixed cost per call (one small GEMM per output value) still
         dominates such a kernel, so this round cannot judge it."""
         best = min(seconds.values())
-        added = {name: max(s - before.get(name, 0.0), 0.0) / max(images - images_before, 1)
+        added = {name: _added_image_rate(s, images, before.get(name, 0.0), images_before)
                  for name, s in seconds.items()}
         best_added = min(added.values())
         for name, s in seconds.items():
