@@ -23,14 +23,20 @@ fi
 echo "[setup] installing locality (editable) with its test extras"
 .venv/bin/python -m pip install -q -e '.[test]'
 
+# Debian packages (as root): the offline default dataset, and a C compiler for the fused
+# softmax that locality builds on first use (without one the slower torch softmax runs)
 fmnist=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-if [ ! -f "$fmnist" ]; then
+packages=()
+[ -f "$fmnist" ] || packages+=(dataset-fashion-mnist)
+command -v "${CC:-cc}" >/dev/null || command -v gcc >/dev/null || packages+=(gcc libc6-dev)
+if [ ${#packages[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "[setup] installing Debian's dataset-fashion-mnist (the offline default dataset)"
+    echo "[setup] installing Debian's ${packages[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
   else
-    echo "[setup] note: $fmnist is absent; install Debian's dataset-fashion-mnist, or run with dataset.download=true"
+    echo "[setup] note: missing ${packages[*]}: install them (Debian names), or run with dataset.download=true"
+    echo "        for the data; without a C compiler the torch softmax runs (slower)"
   fi
 fi
 echo "[setup] done: .venv/bin/python -m locality.run --help"

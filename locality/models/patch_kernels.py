@@ -32,11 +32,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from locality.models.memory import Workspace, chunk_rows, memory_budget
 from locality.models.softmax import LOG2_E, OnlineSoftmaxAverage
+
+if TYPE_CHECKING:
+    from locality.models.native import NativeSoftmax
 
 LOGITS_CPU_CAP_BYTES = 8 << 20  # CPU: logits blocks that stay in the last-level cache
 # candidates per softmax update: the weighted sums of one update are float32 GEMM sums (float64
@@ -65,9 +69,10 @@ def _logit_budget(device: torch.device) -> int:
     return memory_budget(device, cpu_cap=LOGITS_CPU_CAP_BYTES)
 
 
-def _accumulator(weights32: bool) -> OnlineSoftmaxAverage:
-    """The online softmax of base-2 logits (float32 weights from float64 logits if asked)."""
-    return OnlineSoftmaxAverage(base2=True, weights_dtype=torch.float32 if weights32 else None)
+def _accumulator(weights32: bool, native: NativeSoftmax | None) -> OnlineSoftmaxAverage:
+    """The online softmax of base-2 logits (float32 weights from float64 logits if asked; the
+    fused C kernel for float32 logits where ``native`` is given)."""
+    return OnlineSoftmaxAverage(base2=True, weights_dtype=torch.float32 if weights32 else None, native=native)
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,8 @@ class Band:
 
 
 def sliding_average(queries: torch.Tensor, images: torch.Tensor, band: Band, a: float, scale: float,
-                    chunk_size: int | None, weights32: bool = False) -> torch.Tensor:
+                    chunk_size: int | None, weights32: bool = False, native: NativeSoftmax | None = None
+                    ) -> torch.Tensor:
     """Softmax average over every window of ``band`` of every image, per query.
 
     queries [R, D] (windows of the noisy batch in ``F.unfold`` order (C, kh, kw), in the compute
@@ -111,7 +117,7 @@ def sliding_average(queries: torch.Tensor, images: torch.Tensor, band: Band, a: 
     size = min(size, max(1, MAX_UPDATE_COLUMNS // windows))
     # query rows per block: a block of logits [rows, K·L] within the logits budget
     block = max(1, min(rows, _logit_budget(device) // max(1, item * size * windows)))
-    accs = [_accumulator(weights32) for _ in range(0, rows, block)]
+    accs = [_accumulator(weights32, native) for _ in range(0, rows, block)]
     ws = Workspace(device)
     ch, cw = band.centre
     for start in range(0, num, size):
@@ -168,7 +174,8 @@ class Tile:
 
 
 def masked_tile_average(x: torch.Tensor, images: torch.Tensor, tile: Tile, a: float, scale: float,
-                        chunk_size: int | None, weights32: bool = False) -> torch.Tensor:
+                        chunk_size: int | None, weights32: bool = False, native: NativeSoftmax | None = None
+                        ) -> torch.Tensor:
     """Softmax average over the N images of each window of ``tile``, at its own position.
 
     x [B, C, H, W] and images [N, C, H, W] in the compute dtype. For window s and sample b,
@@ -193,7 +200,7 @@ def masked_tile_average(x: torch.Tensor, images: torch.Tensor, tile: Tile, a: fl
     # images per chunk: rectangle, its squares, norms, values, logits column (S·B)
     size = _chunk_images(item * (2 * dim + s_count + width + 1 + s_count * batch), device, chunk_size, num)
     size = min(size, MAX_UPDATE_COLUMNS)
-    acc = _accumulator(weights32)
+    acc = _accumulator(weights32, native)
     ws = Workspace(device)
     for start in range(0, num, size):
         part = images[start : start + size, :, tile.r0 : tile.r1, tile.c0 : tile.c1]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from locality.models.autotune import KernelTuner, shape_key
 from locality.models.base import Denoiser, register_model
 from locality.models.memory import check_chunk_size
+from locality.models.native import NativeSoftmax, measured_softmax
 from locality.models.patch_kernels import (
     Band, Tile, masked_tile_average, sliding_average, window_logit_error_estimate,
 )
@@ -81,10 +82,11 @@ class PatchDenoiser(Denoiser):
 
     needs_statistics = False
     float64_accumulation = True  # softmax accumulators are float64 (no MPS)
+    tunes_kernels = True  # the softmax (native or torch) and pspc's tile layout are measured
 
     def __init__(self, images: torch.Tensor, patch_sizes: int | Sequence[int], num_steps: int = 10,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, tuner: KernelTuner | None = None) -> None:
         if images.dim() != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
         self.device = torch.device(device)
@@ -98,6 +100,9 @@ class PatchDenoiser(Denoiser):
         # error ≤ 5e-6); dtype=float64 is the exactness oracle, float64 throughout
         self.weights32 = dtype == torch.float32
         self.last_dtype: torch.dtype | None = None
+        self.tuner = tuner if tuner is not None else KernelTuner(self.device)
+        self._native: NativeSoftmax | None = None  # the fused C softmax, where measured faster
+        self._softmax_chosen = False
 
     @classmethod
     def from_data(cls, images: torch.Tensor, stats=None, **params):
@@ -151,6 +156,9 @@ class PatchDenoiser(Denoiser):
         x64 = x_t.to(self.device, torch.float64)
         cdt = self.compute_dtype(x64, t, size)
         self.last_dtype = cdt
+        if not self._softmax_chosen:
+            self._native = measured_softmax(self.tuner) if self.dtype == torch.float32 else None
+            self._softmax_chosen = True
         abar = self.alpha_bar(t)
         return self.step(x64.to(cdt), math.sqrt(abar), 1.0 / (2.0 * (1.0 - abar)), size, self.images_in(cdt))
 
@@ -260,10 +268,12 @@ class ElsDenoiser(PatchDenoiser):
                 rows = slice(band.r0 + band.centre[0], band.r0 + band.centre[0] + lh)
                 cols = slice(band.c0 + band.centre[1], band.c0 + band.centre[1] + lw)
             q = queries.transpose(1, 2).reshape(-1, queries.shape[1])  # rows (b, position)
-            res = sliding_average(q, images, band, a, scale, self.chunk_size, self.weights32)  # [B·L, C]
+            res = sliding_average(q, images, band, a, scale, self.chunk_size, self.weights32,
+                                  self._native)  # [B·L, C]
             out[:, :, rows, cols] = res.view(batch, lh, lw, channels).permute(0, 3, 1, 2)
         for tile in tiles:
-            res = masked_tile_average(x, images, tile, a, scale, self.chunk_size, self.weights32)  # [S, B, C]
+            res = masked_tile_average(x, images, tile, a, scale, self.chunk_size, self.weights32,
+                                      self._native)  # [S, B, C]
             ii = torch.tensor([c[0] for c in tile.centres], device=x.device)
             jj = torch.tensor([c[1] for c in tile.centres], device=x.device)
             out[:, :, ii, jj] = res.permute(1, 2, 0)
@@ -277,15 +287,12 @@ class PspcDenoiser(PatchDenoiser):
 
     name = "pspc"
 
-    tunes_kernels = True  # the tile layout is measured (:meth:`step`)
-
     def __init__(self, images: torch.Tensor, patch_sizes: int | Sequence[int], mirror: bool = True,
-                 tuner: KernelTuner | None = None, **kw) -> None:
+                 **kw) -> None:
         if not isinstance(mirror, bool):
             raise ValueError(f"model.mirror must be true or false, got {mirror!r}")
         self.mirror = mirror
         super().__init__(torch.cat([images, images.flip(-1)]) if mirror else images, patch_sizes, **kw)
-        self.tuner = tuner if tuner is not None else KernelTuner(self.device)
         self.last_kernel: str | None = None  # the tile layout of the last step (tests, bench)
         h, w = self.images.shape[2:]
         clipped = {t: p for t, p in self.schedule.items() if p > min(h, w)}
@@ -340,7 +347,8 @@ class PspcDenoiser(PatchDenoiser):
         total = torch.zeros(batch, channels, h, w, dtype=torch.float64, device=x.device)
         count = torch.zeros(h, w, dtype=torch.float64, device=x.device)
         for tile in self.tiles(size, run):
-            res = masked_tile_average(x, images, tile, a, scale, self.chunk_size, self.weights32)  # [S, B, C·h·w]
+            res = masked_tile_average(x, images, tile, a, scale, self.chunk_size, self.weights32,
+                                      self._native)  # [S, B, C·h·w]
             rect = res.view(len(tile.windows), batch, channels, tile.r1 - tile.r0, tile.c1 - tile.c0)
             for s, (top, bottom, left, right) in enumerate(tile.windows):
                 own = rect[s, :, :, top - tile.r0 : bottom - tile.r0, left - tile.c0 : right - tile.c0]

@@ -11,8 +11,12 @@ own rounding.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from locality.models.native import NativeSoftmax
 
 WEIGHT_FLOOR_LOG = 60.0  # log of the smallest relative softmax weight kept apart from it
 LOG2_E = 1.4426950408889634  # log2(e): natural logits times this are base-2 logits
@@ -32,9 +36,16 @@ class OnlineSoftmaxAverage:
     [K, n] (one weight per image, as in the optimal denoiser); :meth:`update_pixel_major` takes
     per-value logits [n, B, K] with values [n, K] (one weight per image and output value, as in
     pca_locality). Both overwrite the logits with the weights. ``result()`` is [B, n] float64.
+    :meth:`update_pixel_major_sums` takes int8 kernels' digit sums and forms the logits itself.
+
+    With ``native`` (:mod:`locality.models.native`, where it was measured faster), float32
+    updates on the CPU run the fused C kernel: the same arithmetic in two passes over each row
+    (the logits are then left as they were); the state is the same, so both paths may serve
+    one accumulator.
     """
 
-    def __init__(self, base2: bool = False, weights_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, base2: bool = False, weights_dtype: torch.dtype | None = None,
+                 native: NativeSoftmax | None = None) -> None:
         """``base2``: the logits are in base-2 units (log2 e times the natural ones; fold the
         factor into the GEMM that makes them): the weights are exp2(l - max), which torch
         computes ~3x faster than exp on the CPU (0.8 against 2.5 ms for 2.1M float32 values,
@@ -48,6 +59,7 @@ class OnlineSoftmaxAverage:
         self.acc: torch.Tensor | None = None
         self.pixel_major = False  # accumulators [n, B] (update_pixel_major) rather than [B, n]
         self._both: torch.Tensor | None = None  # update_pixel_major's [values, ones] buffer
+        self.native = native
 
     def update(self, logits: torch.Tensor, values: torch.Tensor, ones_column: bool = False) -> None:
         """Per-image layout: logits [B, K] (overwritten with the weights), values [K, n].
@@ -55,6 +67,13 @@ class OnlineSoftmaxAverage:
         ``ones_column``: the last column of ``values`` is all ones, so the normaliser comes out
         of the same product as the weighted sum (one pass less over the weights); the result
         then has n - 1 columns."""
+        if self._native_takes(logits) and (self.weights_dtype in (None, logits.dtype)):
+            vals = values[:, :-1] if ones_column else values
+            if 1 <= vals.shape[1] <= self.native.max_values:
+                # [1, V, K]: the candidates contiguous, one set of values for every row
+                self._native_update(logits.shape[0], 1, logits.shape[1], vals.T.to(torch.float32).contiguous()
+                                    .unsqueeze(0), logits=logits)
+                return
         new_max = logits.amax(dim=1).double()  # [B]
         if self.max is not None:
             new_max = torch.maximum(self.max, new_max)
@@ -80,6 +99,12 @@ class OnlineSoftmaxAverage:
         weights), values [n, K]. The reductions over k then run along contiguous memory, and
         the weighted sum and the normaliser come out of one batched product
         [n, B, K] @ [n, K, 2] (values and ones). Accumulators are [n, B]; ``result()`` is [B, n]."""
+        if self._native_takes(logits) and logits.is_contiguous():
+            n, batch, count = logits.shape
+            self.pixel_major = True
+            self._native_update(batch, n, count, values.to(torch.float32).contiguous().unsqueeze(1),
+                                logits=logits.view(n * batch, count))
+            return
         chunk_max = logits.amax(dim=2).double()  # [n, B]
         new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
         # On the CPU weights below e^-60 (1e-26 of the largest) are raised to it: subnormal
@@ -88,12 +113,51 @@ class OnlineSoftmaxAverage:
         # clamp would only cost a pass over the logits.
         logits.sub_(new_max.to(logits.dtype).unsqueeze(2))
         if logits.device.type == "cpu":
-            logits.clamp_(min=-WEIGHT_FLOOR_LOG)
-        logits.exp_()
+            logits.clamp_(min=-self._floor())
+        self._exp(logits)
         both = self._pairs(values, logits.dtype)
         sums = blocked_sum(lambda s, e: torch.bmm(logits[:, :, s:e], both[:, s:e]), logits.shape[2])  # [n, B, 2]
         self._merge(new_max, sums[..., 1], sums[..., 0])
         self.pixel_major = True
+
+    def update_pixel_major_sums(self, quad: torch.Tensor, sums: torch.Tensor, coefs: list[float],
+                                values: torch.Tensor, count: int, workspace) -> None:
+        """:meth:`update_pixel_major` for the logits quad[m, k] + Σ_j coefs[j]·sums[m, j, b, k]
+        (an int8 kernel's exact digit sums, combined in float32 high digits first): ``quad``
+        float32 [n, ≥count], ``sums`` int32 [n, p, B, ≥count] (any strides, candidates
+        contiguous), ``values`` [n, count]. Without the native kernel the logits are formed in
+        the ``workspace``'s buffers."""
+        n, digits, batch = sums.shape[:3]
+        if self._native_takes(quad):
+            self.pixel_major = True
+            self._native_update(batch, n, count, values.to(torch.float32).contiguous().unsqueeze(1), sums=sums[..., :count],
+                                coefs=coefs, quad=quad)
+            return
+        logits = workspace.take("logits", (n, batch, count), quad.dtype)
+        logits.copy_(quad[:, :count].unsqueeze(1))
+        converted = workspace.take("converted", (n, batch, count), quad.dtype)
+        for j in reversed(range(digits)):  # high digits first
+            converted.copy_(sums[:, j, :, :count])  # int32 -> float: a plain float add below is ~10x faster
+            logits.add_(converted, alpha=coefs[j])
+        self.update_pixel_major(logits, values)
+
+    def _native_takes(self, logits: torch.Tensor) -> bool:
+        return self.native is not None and logits.dtype == torch.float32 and logits.device.type == "cpu"
+
+    def _native_update(self, batch: int, groups: int, count: int, values: torch.Tensor, **source) -> None:
+        """One chunk through the C kernel. The state keeps the torch path's shapes, which are the
+        kernel's rows r = g·batch + b: pixel-major (groups > 0 output values, one value each)
+        max, norm and acc [groups, batch]; per image (groups 1) max and norm [batch], acc
+        [batch, V]."""
+        first = self.max is None
+        if first:
+            pixel_major = self.pixel_major
+            shape = (groups, batch) if pixel_major else (batch,)
+            self.max = torch.empty(shape, dtype=torch.float64)
+            self.norm = torch.empty(shape, dtype=torch.float64)
+            self.acc = torch.empty(shape if pixel_major else (batch, values.shape[1]), dtype=torch.float64)
+        self.native.update((self.max, self.norm, self.acc), first, groups, batch, count, values,
+                           1.0 if self.base2 else LOG2_E, WEIGHT_FLOOR_LOG * LOG2_E, **source)
 
     def _floor(self) -> float:
         return WEIGHT_FLOOR_LOG * LOG2_E if self.base2 else WEIGHT_FLOOR_LOG
@@ -140,23 +204,24 @@ def blocked_sum(product: Callable[[int, int], torch.Tensor], count: int) -> torc
     return total
 
 
-def softmax_average(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def softmax_average(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], native: NativeSoftmax | None = None
+                    ) -> torch.Tensor:
     """The exact softmax average over a stream of image chunks, each (logits [n, B, K],
     values [n, K]) (pixel-major, :meth:`OnlineSoftmaxAverage.update_pixel_major`; the logits are
     overwritten). Returns [B, n] float64. The stream may reuse one logits buffer: a chunk is
-    folded in before the next is asked for."""
-    acc = OnlineSoftmaxAverage()
+    folded in before the next is asked for. ``native``: as for :class:`OnlineSoftmaxAverage`."""
+    acc = OnlineSoftmaxAverage(native=native)
     for logits, values in chunks:
         acc.update_pixel_major(logits, values)
     return acc.result()
 
 
 def softmax_average_in_groups(x: torch.Tensor, group: int,
-                              chunks_of: Callable[[torch.Tensor], Iterable[tuple[torch.Tensor, torch.Tensor]]]
-                              ) -> torch.Tensor:
+                              chunks_of: Callable[[torch.Tensor], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+                              native: NativeSoftmax | None = None) -> torch.Tensor:
     """:func:`softmax_average` for samples x [B, ...] in groups of at most ``group`` (what the
     memory budget allows of a kernel's per-sample weights): ``chunks_of(xs)`` streams the
     chunks of one group xs. Returns [B, n] float64, the groups in order."""
     if group < 1:
         raise ValueError(f"group must be at least 1, got {group}")
-    return torch.cat([softmax_average(chunks_of(x[b0 : b0 + group])) for b0 in range(0, x.shape[0], group)])
+    return torch.cat([softmax_average(chunks_of(x[b0 : b0 + group]), native) for b0 in range(0, x.shape[0], group)])

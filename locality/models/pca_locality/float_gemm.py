@@ -13,6 +13,7 @@ step of ``model.dtype=float64``, the exactness oracle); ``float32`` where
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from locality.models.pca_locality.kernel import Kernel, Precision, Step
 from locality.models.pca_locality.plan import MaskPlan
 from locality.models.pca_locality.selection import KERNEL_ROUNDING_FACTOR, LOGIT_TOLERANCE
 from locality.models.softmax import softmax_average
+
+if TYPE_CHECKING:
+    from locality.models.native import NativeSoftmax
 
 
 def dense_logit_error_estimate(plan: MaskPlan, abar: float, scale: float, x_abs_max: float,
@@ -66,9 +70,11 @@ def dense_logits(x_c: torch.Tensor, y_c: torch.Tensor, mask_t: torch.Tensor, a: 
 
 
 def float_step(images: torch.Tensor, mean64: torch.Tensor, plan: MaskPlan, x64: torch.Tensor, a: float,
-               scale: float, dtype: torch.dtype, chunk_size: int | None) -> torch.Tensor:
+               scale: float, dtype: torch.dtype, chunk_size: int | None, native: NativeSoftmax | None = None
+               ) -> torch.Tensor:
     """One dense step with one GEMM in ``dtype`` (float32 or float64) per chunk
-    (:func:`dense_logits`) over the images [N, n], centred on ``mean64`` [n]."""
+    (:func:`dense_logits`) over the images [N, n], centred on ``mean64`` [n]; the softmax
+    through ``native`` where given (float32)."""
     batch, n = x64.shape
     mean = mean64.to(dtype).unsqueeze(1)
     x_c = (x64 - a * mean64).to(dtype)
@@ -83,7 +89,7 @@ def float_step(images: torch.Tensor, mean64: torch.Tensor, plan: MaskPlan, x64: 
             y_c = images[start : start + size].T.to(dtype).contiguous() - mean  # [n, K] pixel-major
             yield dense_logits(x_c, y_c, mask_t, a, scale, workspace), y_c
 
-    return softmax_average(chunks()) + mean64  # the average of centred values, shifted back
+    return softmax_average(chunks(), native) + mean64  # the average of centred values, shifted back
 
 
 class FloatGemmKernel(Kernel):
@@ -104,4 +110,5 @@ class FloatGemmKernel(Kernel):
         return float_precision(self.name, step, self.images.mean64, self.images.y_abs_max, self.dtype)
 
     def run(self, side: torch.Tensor, step: Step, precision: Precision, chunk_size: int | None) -> torch.Tensor:
-        return float_step(side, self.images.mean64, step.plan, step.x64, step.a, step.scale, self.dtype, chunk_size)
+        return float_step(side, self.images.mean64, step.plan, step.x64, step.a, step.scale, self.dtype, chunk_size,
+                          self.images.native)

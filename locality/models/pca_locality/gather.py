@@ -22,6 +22,8 @@ Whether this beats the dense kernels on a machine is measured like every other c
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from locality.models.memory import Workspace, chunk_rows, memory_budget
@@ -32,6 +34,9 @@ from locality.models.pca_locality.selection import (
     GATHER_CPU_CHUNK_CAP_BYTES, GATHER_GROUP_CAP_BYTES, GATHER_OPERAND_CAP_BYTES,
 )
 from locality.models.softmax import OnlineSoftmaxAverage
+
+if TYPE_CHECKING:
+    from locality.models.native import NativeSoftmax
 
 ROW_GATHER, COLUMN_GATHER = "rows", "columns"  # how a column set's operand is formed (see GatheredImages)
 
@@ -129,10 +134,12 @@ def output_groups(sets: list[tuple[torch.Tensor, bool]], size: int, device: torc
 
 
 def gather_step(side: GatheredImages, values: torch.Tensor, plan: MaskPlan, x64: torch.Tensor, a: float,
-                scale: float, digits: int, dtype: torch.dtype, chunk_size: int | None) -> torch.Tensor:
+                scale: float, digits: int, dtype: torch.dtype, chunk_size: int | None,
+                native: NativeSoftmax | None = None) -> torch.Tensor:
     """One dense step through per-output gathered GEMMs: x64 [B, n] float64, ``values`` the
     images [N, n] (their stored values are averaged); x'' = x - a/255 in ``digits`` int8 digits,
-    exact integer sums, combined in ``dtype``. Returns x̂0 [B, n] float64."""
+    exact integer sums, combined in ``dtype``, softmax through ``native`` where given
+    (:class:`~locality.models.softmax.OnlineSoftmaxAverage`). Returns x̂0 [B, n] float64."""
     batch, n = x64.shape
     device = x64.device
     count = side.count
@@ -165,7 +172,8 @@ def gather_step(side: GatheredImages, values: torch.Tensor, plan: MaskPlan, x64:
     group_bytes = (4 * act_rows + 2 * item * batch) * size
     group = max(1, min(n, memory_budget(device, cpu_cap=GATHER_GROUP_CAP_BYTES) // group_bytes))
     groups = output_groups(sets, group, device)
-    accumulators = [OnlineSoftmaxAverage() for _ in groups]
+    accumulators = [OnlineSoftmaxAverage(native=native) for _ in groups]
+    coefs = [cross_scale * delta * 256**j for j in range(digits)]
     ws = Workspace(device)
     for (start, stop, codes_op, high_op, low_op), block in zip(side.dense.chunks(size), side.blocks(size)):
         k = stop - start
@@ -187,13 +195,11 @@ def gather_step(side: GatheredImages, values: torch.Tensor, plan: MaskPlan, x64:
                     sums[i].zero_()
             if complement:  # Σ over the mask = full sum - Σ over the complement, exact in int32
                 torch.sub(full, sums[:, :rows, :k], out=sums[:, :rows, :k])
-            logits = ws.take("logits", (size_g, batch, k), dtype)
-            logits.copy_(quad.index_select(0, index).unsqueeze(1))
-            converted = ws.take("converted", (size_g, batch, k), dtype)
-            for j in reversed(range(digits)):  # high digits first, as the dense kernel combines them
-                converted.copy_(sums[:, j * batch : (j + 1) * batch, :k])
-                logits.add_(converted, alpha=cross_scale * delta * 256**j)
-            acc.update_pixel_major(logits, vals.index_select(0, index))
+            # [size_g, p, B, width] view of the sums (rows (j, b)); the logits are
+            # quad + Σ_j cross·δ·256^j·sums_j, high digits first, as the dense kernel combines them
+            digit_sums = sums[:, :rows].view(size_g, digits, batch, width)
+            acc.update_pixel_major_sums(quad.index_select(0, index), digit_sums, coefs, vals.index_select(0, index),
+                                        k, ws)
     out = torch.empty(batch, n, dtype=torch.float64, device=device)
     for (index, _, _), acc in zip(groups, accumulators):
         out[:, index] = acc.result()
@@ -225,4 +231,4 @@ class Int8GatherKernel(Int8Kernel):
 
     def run(self, side: GatheredImages, step: Step, precision: Precision, chunk_size: int | None) -> torch.Tensor:
         return gather_step(side, self.images.values[: side.count], step.plan, step.x64, step.a, step.scale,
-                           precision.digits, precision.dtype, chunk_size)
+                           precision.digits, precision.dtype, chunk_size, self.images.native)

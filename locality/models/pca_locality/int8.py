@@ -31,6 +31,7 @@ from collections.abc import Callable
 import math
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,6 +42,9 @@ from locality.models.pca_locality.selection import (
     INT8_CPU_CHUNK_CAP_BYTES, LOGIT_TOLERANCE, MAX_DIGITS, ONEDNN_MAX_VALUES, int8_sums_exact,
 )
 from locality.models.softmax import softmax_average_in_groups
+
+if TYPE_CHECKING:
+    from locality.models.native import NativeSoftmax
 
 log = logging.getLogger("locality.models.pca_locality")
 QUAD_OFFSET = 8192  # D² - 8192 ∈ [-8192, 8192] splits into two int8 digits in base 128
@@ -262,7 +266,8 @@ def int8_logits(act_digits: torch.Tensor, mask_codes: torch.Tensor, chunk: tuple
 
 
 def int8_step(images8: Int8Images, values: torch.Tensor, mask_codes: torch.Tensor, x64: torch.Tensor,
-              a: float, scale: float, digits: int, dtype: torch.dtype, chunk_size: int | None) -> torch.Tensor:
+              a: float, scale: float, digits: int, dtype: torch.dtype, chunk_size: int | None,
+              native: NativeSoftmax | None = None) -> torch.Tensor:
     """One dense step with an int8 kernel: x64 [B, n] float64, ``values`` the images [N, n]
     (their stored values are averaged), ``mask_codes`` Mᵀ [n_out, n_in] int8; x'' in ``digits``
     digits, exact integer sums, combined in ``dtype``. Returns x̂0 [B, n] float64."""
@@ -294,7 +299,7 @@ def int8_step(images8: Int8Images, values: torch.Tensor, mask_codes: torch.Tenso
                                  batch, workspace)
             yield logits, values[chunk[0] : chunk[1]].T.to(dtype)
 
-    return softmax_average_in_groups(x64, group, chunks_of)
+    return softmax_average_in_groups(x64, group, chunks_of, native)
 
 
 class Int8Kernel(Kernel):
@@ -361,7 +366,7 @@ class Int8Kernel(Kernel):
     def run(self, side: Int8Images, step: Step, precision: Precision, chunk_size: int | None) -> torch.Tensor:
         count = side.codes.shape[0]
         return int8_step(side, self.images.values[:count], step.plan.dense_mask(torch.int8), step.x64, step.a,
-                         step.scale, precision.digits, precision.dtype, chunk_size)
+                         step.scale, precision.digits, precision.dtype, chunk_size, self.images.native)
 
     def label(self, precision: Precision) -> str:
         return f"{self.name}x{precision.digits}"

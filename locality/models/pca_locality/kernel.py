@@ -17,10 +17,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from locality.models.pca_locality.plan import MaskPlan
+
+if TYPE_CHECKING:
+    from locality.models.native import NativeSoftmax
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class TrainingImages:
         self._codes: torch.Tensor | None = None
         self._codes_checked = False
         self._quad: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the fused C softmax where the model measured it faster (locality.models.native), else None
+        self.native: NativeSoftmax | None = None
 
     @property
     def count(self) -> int:

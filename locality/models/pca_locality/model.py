@@ -19,6 +19,7 @@ import torch
 from locality.models.base import register_model
 from locality.models.dataset import DatasetDenoiser, flatten
 from locality.models.masks import locality_mask
+from locality.models.native import measured_softmax
 from locality.models.pca_locality.bf16 import Bf16x3Kernel, Bf16x6Kernel
 from locality.models.pca_locality.float_gemm import FloatGemmKernel
 from locality.models.pca_locality.gather import Int8GatherKernel
@@ -63,6 +64,7 @@ class PcaLocalityDenoiser(DatasetDenoiser):
             Int8Kernel(self.training, "int_mm"), Int8GatherKernel(self.training), SparseKernel(self.training))}
         self.last_strategy: tuple[str, torch.dtype] | None = None  # (dense or sparse, dtype): tests, bench
         self.last_kernel: str | None = None  # the kernel of the last step, e.g. sparse, float32, int8_intmmx3
+        self._softmax_chosen = False
 
     @classmethod
     def from_data(cls, images: torch.Tensor, stats: DataStatistics, **params):
@@ -99,6 +101,9 @@ class PcaLocalityDenoiser(DatasetDenoiser):
         return Step(t=int(t), plan=self.plan(int(t)), x64=x64, abar=abar, a=abar**0.5, scale=scale)
 
     def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        if not self._softmax_chosen:  # the fused C softmax where it builds and is measured faster
+            self.training.native = measured_softmax(self.tuner) if self.dtype != torch.float64 else None
+            self._softmax_chosen = True
         step = self.step_inputs(x_t, t)
         kind, candidates = step_candidates(self.kernels, step, self.dense_kernel,
                                            float64_only=self.dtype == torch.float64)

@@ -1,0 +1,237 @@
+"""The fused online softmax in C (``online_softmax.c``), compiled on first use by the machine's
+own C compiler and loaded with ctypes.
+
+Why: with the GEMMs of pca_locality's int8 kernels down to their hardware rate, most of a step
+was torch's element-wise passes over the [n, B, K] logits: combine the digits' int32 sums
+(convert, scale, add, per digit), then max, subtract, clamp, exp and the weighted sums, each a
+pass through memory (~4.8 ns a logit on a 2-core EPYC). The C kernel does it per row in two
+passes over a cache-resident row (~1.3 ns a logit there), with the same arithmetic: the same
+float32 combination of exact integer sums, weights relative to a running maximum, float32 sums
+over blocks of ``SUM_BLOCK`` candidates added in float64.
+
+Whether it runs is decided like every kernel choice: it must compile here (a C compiler, ``cc``
+or ``$CC``; OpenMP and ``-march=native`` when the compiler takes them), and
+:func:`faster_softmax` measures it against the torch path on this machine (the tuner's store
+keeps the answer). The library is built once per source, compiler and machine into the kernel
+store's directory (``paths.cache_dir``/kernels/native in the apps; a temporary directory per
+process without one), written atomically.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("online_softmax.c")
+# compiler flag sets tried in order: the machine's vector instructions and OpenMP threads
+# first; Apple's clang has no -fopenmp, some compilers no -march=native
+FLAG_SETS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
+# -fno-trapping-math lets the compiler vectorise floorf and the clamps (8x faster here); the
+# arithmetic stays IEEE (no -ffast-math: no reassociation outside the omp simd reductions)
+BASE_FLAGS = ("-O3", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")
+MAX_DIGITS = 5
+
+_libraries: dict[str, "NativeSoftmax | str"] = {}  # build directory -> library, or why none
+
+
+class NativeSoftmax:
+    """The loaded library: :meth:`update` folds one chunk into an online softmax state."""
+
+    def __init__(self, path: Path, flags: tuple[str, ...]) -> None:
+        self.path = path
+        self.flags = flags
+        self._lib = ctypes.CDLL(str(path))
+        fn = self._lib.online_softmax_update
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [i64, i64, i64, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, i64, ptr, i64,
+                       ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+        self.max_values = int(self._lib.online_softmax_max_values())
+
+    def update(self, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor], first: bool, groups: int, batch: int,
+               count: int, values: torch.Tensor, to_base2: float, floor_log2: float, *,
+               logits: torch.Tensor | None = None, sums: torch.Tensor | None = None,
+               coefs: list[float] | None = None, quad: torch.Tensor | None = None) -> None:
+        """Fold a chunk of ``count`` candidates into ``state`` = (max [R], norm [R], acc [R, V])
+        float64 contiguous, R = groups·batch rows (row g·batch + b), in place.
+
+        Logits either given, ``logits`` float32 [R, ≥count] (rows at any stride, candidates
+        contiguous), or formed from int8 digit sums: ``quad`` float32 [groups, ≥count] plus
+        Σ_j coefs[j]·``sums``[g, j, b, k] (int32 [groups, digits, batch, ≥count], candidates
+        contiguous; any strides over g, j, b). ``values`` float32 [groups or 1, V, ≥count]
+        (candidates contiguous; a first dimension of 1 serves every group). Weights are
+        2^((l - max)·to_base2), at least 2^-floor_log2."""
+        mx, norm, acc = state
+        for name, t in (("max", mx), ("norm", norm), ("acc", acc)):
+            if t.dtype != torch.float64 or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(f"native softmax: the {name} state must be contiguous float64 on the CPU")
+        rows = groups * batch
+        v = values.shape[1]
+        if mx.numel() != rows or norm.numel() != rows or acc.numel() != rows * v or not 1 <= v <= self.max_values:
+            raise ValueError(f"native softmax: state sizes {mx.numel()}, {norm.numel()}, {acc.numel()} do not fit "
+                             f"{rows} rows of {v} values (at most {self.max_values})")
+        _check_rows(values, torch.float32, count, "values")
+        if values.shape[0] not in (1, groups):
+            raise ValueError(f"native softmax: values has {values.shape[0]} groups, expected 1 or {groups}")
+        value_group_stride = 0 if values.shape[0] == 1 else values.stride(0)
+        null = None
+        if logits is not None:
+            _check_rows(logits, torch.float32, count, "logits")
+            if logits.shape[0] != rows:
+                raise ValueError(f"native softmax: logits has {logits.shape[0]} rows, expected {rows}")
+            digits, coef = 0, null
+            sums_args = (null, 0, 0, 0)
+            quad_args = (null, 0)
+            logit_args = (logits.data_ptr(), logits.stride(0))
+        else:
+            if sums is None or quad is None or coefs is None:
+                raise ValueError("native softmax: give logits, or sums, coefs and quad")
+            digits = sums.shape[1]
+            if not 1 <= digits <= MAX_DIGITS or len(coefs) != digits or sums.shape[0] != groups \
+                    or sums.shape[2] != batch:
+                raise ValueError(f"native softmax: sums of shape {tuple(sums.shape)} with {len(coefs)} coefficients "
+                                 f"do not fit {groups} groups of {batch} rows (1-{MAX_DIGITS} digits)")
+            _check_rows(sums, torch.int32, count, "sums")
+            _check_rows(quad, torch.float32, count, "quad")
+            coef = (ctypes.c_float * digits)(*coefs)
+            sums_args = (sums.data_ptr(), sums.stride(0), sums.stride(1), sums.stride(2))
+            quad_args = (quad.data_ptr(), quad.stride(0))
+            logit_args = (null, 0)
+        status = self._fn(groups, batch, count, *sums_args, digits, coef, *quad_args, *logit_args,
+                          values.data_ptr(), value_group_stride, values.stride(1), v,
+                          mx.data_ptr(), norm.data_ptr(), acc.data_ptr(), to_base2, floor_log2, int(first),
+                          torch.get_num_threads())
+        if status == -1:
+            raise MemoryError("native softmax: no memory for a row buffer")
+        if status != 0:
+            raise ValueError(f"native softmax: arguments refused (status {status})")
+
+
+def _check_rows(t: torch.Tensor, dtype: torch.dtype, count: int, name: str) -> None:
+    if t.dtype != dtype or t.device.type != "cpu" or (t.stride(-1) != 1 and t.shape[-1] > 1) or t.shape[-1] < count:
+        raise ValueError(f"native softmax: {name} must be {dtype} on the CPU with at least {count} contiguous "
+                         f"candidates in its last dimension, got {t.dtype} {tuple(t.shape)} strides {t.stride()} "
+                         f"on {t.device}")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _library_name(compiler: str) -> str:
+    """The library's file name: a digest of the source, the compiler and the machine (a build
+    with -march=native must not run on another processor of a shared cache)."""
+    from locality.models.autotune import machine_description
+
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    machine = machine_description(torch.device("cpu"))
+    parts = [SOURCE.read_bytes(), compiler.encode(), version.encode(), repr((BASE_FLAGS, FLAG_SETS)).encode(),
+             machine["cpu"].encode(), machine["cpu_flags_sha"].encode(), platform.machine().encode()]
+    return "online_softmax-" + hashlib.sha256(b"\0".join(parts)).hexdigest()[:16] + ".so"
+
+
+def _build(build_dir: Path) -> NativeSoftmax:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (cc, gcc or clang, or $CC): install one (Debian: apt-get "
+                           "install gcc) for the fused softmax")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    target = build_dir / _library_name(compiler)
+    flags_file = target.with_suffix(".flags")
+    if target.exists() and flags_file.exists():
+        try:
+            return NativeSoftmax(target, tuple(flags_file.read_text().split()))
+        except (OSError, AttributeError) as e:  # a damaged file: built again below
+            log.warning("native softmax: %s cannot be loaded (%s): building it again", target, e)
+    errors = []
+    for flags in FLAG_SETS:
+        # written under a temporary name in the same directory, then renamed: a concurrent or
+        # interrupted build never leaves a half-written library behind
+        fd, tmp = tempfile.mkstemp(dir=build_dir, prefix=".build-", suffix=".so")
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *BASE_FLAGS, *flags, "-o", tmp, str(SOURCE), "-lm"],
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                errors.append(f"{' '.join(flags) or 'no extra flags'}: {done.stderr.strip()[-300:]}")
+                continue
+            flags_tmp = build_dir / f".build-{os.getpid()}.flags"
+            flags_tmp.write_text(" ".join(flags))
+            os.replace(tmp, target)
+            os.replace(flags_tmp, flags_file)
+            log.info("native softmax: built %s with %s %s", target, compiler, " ".join(flags))
+            return NativeSoftmax(target, flags)
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append(f"{' '.join(flags) or 'no extra flags'}: {type(e).__name__}: {e}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(f"{compiler} could not build {SOURCE.name}: " + "; ".join(errors))
+
+
+def load_native_softmax(build_dir: str | Path | None) -> NativeSoftmax | None:
+    """The compiled library (built into ``build_dir`` if not there yet; None: a temporary
+    directory of this process), or None when it cannot be built or loaded here (logged once
+    with the reason, and the torch path runs)."""
+    key = str(build_dir) if build_dir is not None else ""
+    if key not in _libraries:
+        directory = Path(build_dir) if build_dir is not None else Path(tempfile.mkdtemp(prefix="locality-native-"))
+        try:
+            _libraries[key] = _build(directory)
+        except (RuntimeError, OSError) as e:
+            _libraries[key] = str(e)
+            log.warning("native softmax unavailable (%s): the torch softmax runs", e)
+    found = _libraries[key]
+    return found if isinstance(found, NativeSoftmax) else None
+
+
+def native_unavailable_reason(build_dir: str | Path | None) -> str | None:
+    """Why :func:`load_native_softmax` returns None for ``build_dir`` (None: it loads)."""
+    load_native_softmax(build_dir)
+    found = _libraries[str(build_dir) if build_dir is not None else ""]
+    return None if isinstance(found, NativeSoftmax) else found
+
+
+def measured_softmax(tuner) -> NativeSoftmax | None:
+    """The native softmax where it builds here and ``tuner`` (a
+    :class:`~locality.models.autotune.KernelTuner` on the CPU) measures it faster than the torch
+    path, else None. Both are timed on pixel-major float32 logits of 16 output values (the
+    tuner's staged probe over a growing number of candidates); the library lives beside the
+    tuner's store (``native/``) or, without a store, in a temporary directory of this process."""
+    from locality.models.softmax import OnlineSoftmaxAverage
+
+    if tuner.device.type != "cpu":
+        return None
+    build_dir = tuner.store_path.parent / "native" if tuner.store_path is not None else None
+    native = load_native_softmax(build_dir)
+    if native is None:
+        return None
+    groups = 16
+
+    def probe(use_native: bool):
+        def prepare(count: int, samples: int):
+            gen = torch.Generator().manual_seed(0)
+            logits = torch.rand(groups, samples, count, generator=gen).mul_(-40.0)
+            values = torch.rand(groups, count, generator=gen)
+            return lambda: OnlineSoftmaxAverage(native=native if use_native else None).update_pixel_major(logits, values)
+
+        return prepare
+
+    decision = tuner.choose(f"online_softmax|pixel_major|groups={groups}",
+                            {"native": probe(True), "torch": probe(False)}, total_images=4096, total_samples=8)
+    return native if decision.kernel == "native" else None

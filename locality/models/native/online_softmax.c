@@ -1,0 +1,171 @@
+/* The fused online softmax of locality's denoisers (see native/__init__.py): one call folds a
+ * chunk of K candidates into the running (max, normaliser, weighted sums) of R = G*B rows.
+ *
+ * Row r = g*B + b (g < G, b < B). Its logits over the chunk are
+ *   digits > 0:  l[k] = quad[g*ldq + k] + sum_j coef[j] * (float)sums[g*sg + j*sj + b*ls + k]
+ *                (int8 kernels: the exact int32 sums of each digit, combined in float32, high
+ *                digits first, as the torch path combines them)
+ *   digits == 0: l[k] = logits[r*ldl + k]
+ * and its values are val[g*svg + c*svc + k], c < V (svg = 0: every row shares them).
+ * in units where the weights are 2^((l - max)*to_base2) (to_base2 = 1 for base-2 logits,
+ * log2(e) for natural ones). The state is float64, max in the logits' units: mx[r], nrm[r],
+ * acc[r*V + c]. Weights are raised to 2^-floor_log2 (subnormals run ~100x slower on x86), summed in float32
+ * over blocks of SUM_BLOCK candidates and added in float64 (the drift of a float32 sum grows
+ * with its length). Compiled with the machine's own instruction set (-march=native): every
+ * loop over k vectorises.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SUM_BLOCK 512
+#define MAX_VALUES 16
+
+/* 2^x for x in [-126, 0] (callers clamp): Cephes exp2f's polynomial on [-1/2, 1/2], relative
+ * error below 2e-7, vectorisable (no libm call) */
+static inline float exp2_nonpositive(float x) {
+    float n = floorf(x + 0.5f);
+    float f = x - n;
+    float p = ((((1.535336188319500e-4f * f + 1.339887440266574e-3f) * f + 9.618437357674640e-3f) * f
+                + 5.550332471162809e-2f) * f + 2.402264791363012e-1f) * f + 6.931472028550421e-1f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &bits, sizeof s);
+    return (1.0f + f * p) * s;
+}
+
+/* row r's logits into buf; returns their maximum */
+static float row_logits(float *restrict buf, int64_t K, int64_t g, int64_t b, int64_t r,
+                        const int32_t *sums, int64_t sg, int64_t sj, int64_t ls, int digits, const float *coef,
+                        const float *quad, int64_t ldq, const float *logits, int64_t ldl) {
+    float m = -INFINITY;
+    if (digits == 0) {
+        const float *restrict l = logits + r * ldl;
+        #pragma omp simd reduction(max:m)
+        for (int64_t k = 0; k < K; k++) { buf[k] = l[k]; m = l[k] > m ? l[k] : m; }
+        return m;
+    }
+    const float *restrict q = quad + g * ldq;
+    const int32_t *s[5];
+    float c[5] = {0, 0, 0, 0, 0};
+    for (int j = 0; j < 5; j++) {
+        s[j] = sums + g * sg + (j < digits ? j : 0) * sj + b * ls;
+        c[j] = j < digits ? coef[j] : 0.0f;
+    }
+    const int32_t *restrict s0 = s[0], *restrict s1 = s[1], *restrict s2 = s[2], *restrict s3 = s[3], *restrict s4 = s[4];
+    switch (digits) {
+    case 1:
+        #pragma omp simd reduction(max:m)
+        for (int64_t k = 0; k < K; k++) {
+            float l = q[k] + c[0] * (float)s0[k];
+            buf[k] = l; m = l > m ? l : m;
+        }
+        break;
+    case 2:
+        #pragma omp simd reduction(max:m)
+        for (int64_t k = 0; k < K; k++) {
+            float l = (q[k] + c[1] * (float)s1[k]) + c[0] * (float)s0[k];
+            buf[k] = l; m = l > m ? l : m;
+        }
+        break;
+    case 3:
+        #pragma omp simd reduction(max:m)
+        for (int64_t k = 0; k < K; k++) {
+            float l = ((q[k] + c[2] * (float)s2[k]) + c[1] * (float)s1[k]) + c[0] * (float)s0[k];
+            buf[k] = l; m = l > m ? l : m;
+        }
+        break;
+    case 4:
+        #pragma omp simd reduction(max:m)
+        for (int64_t k = 0; k < K; k++) {
+            float l = (((q[k] + c[3] * (float)s3[k]) + c[2] * (float)s2[k]) + c[1] * (float)s1[k]) + c[0] * (float)s0[k];
+            buf[k] = l; m = l > m ? l : m;
+        }
+        break;
+    default:
+        #pragma omp simd reduction(max:m)
+        for (int64_t k = 0; k < K; k++) {
+            float l = ((((q[k] + c[4] * (float)s4[k]) + c[3] * (float)s3[k]) + c[2] * (float)s2[k])
+                       + c[1] * (float)s1[k]) + c[0] * (float)s0[k];
+            buf[k] = l; m = l > m ? l : m;
+        }
+    }
+    return m;
+}
+
+int online_softmax_max_values(void) { return MAX_VALUES; }
+
+/* returns 0; -1 when a row buffer could not be allocated (the state is then undefined: the caller
+ * raises MemoryError); -2 for V or digits out of range */
+int online_softmax_update(int64_t G, int64_t B, int64_t K,
+                          const int32_t *sums, int64_t sg, int64_t sj, int64_t ls, int digits, const float *coef,
+                          const float *quad, int64_t ldq, const float *logits, int64_t ldl,
+                          const float *val, int64_t svg, int64_t svc, int64_t V,
+                          double *mx, double *nrm, double *acc, float to_base2, float floor_log2, int first,
+                          int threads) {
+    int failed = 0;
+    if (V < 1 || V > MAX_VALUES || digits < 0 || digits > 5) return -2;
+    #pragma omp parallel num_threads(threads) reduction(|:failed)
+    {
+        float *buf = (float *)malloc((size_t)(K > 0 ? K : 1) * sizeof(float));
+        if (!buf) failed = 1;
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < G * B; r++) {
+            if (!buf) continue;
+            int64_t g = r / B, b = r % B;
+            float m = row_logits(buf, K, g, b, r, sums, sg, sj, ls, digits, coef, quad, ldq, logits, ldl);
+            /* the chunk's weights are relative to shift, a float: the merge below uses exactly it */
+            float shift = (float)(first ? (double)m : fmax(mx[r], (double)m));
+            double dn = 0.0, da[MAX_VALUES];
+            for (int64_t c = 0; c < V; c++) da[c] = 0.0;
+            for (int64_t k0 = 0; k0 < K; k0 += SUM_BLOCK) {
+                int64_t k1 = k0 + SUM_BLOCK < K ? k0 + SUM_BLOCK : K;
+                float sn = 0.0f;
+                if (V == 1) {  /* one value per row (pca_locality): weights never leave registers */
+                    const float *restrict v = val + g * svg;
+                    float sa = 0.0f;
+                    #pragma omp simd reduction(+:sn, sa)
+                    for (int64_t k = k0; k < k1; k++) {
+                        float x = (buf[k] - shift) * to_base2;
+                        float w = exp2_nonpositive(x < -floor_log2 ? -floor_log2 : x);
+                        sn += w;
+                        sa += w * v[k];
+                    }
+                    dn += sn;
+                    da[0] += sa;
+                    continue;
+                }
+                #pragma omp simd reduction(+:sn)
+                for (int64_t k = k0; k < k1; k++) {
+                    float x = (buf[k] - shift) * to_base2;
+                    float w = exp2_nonpositive(x < -floor_log2 ? -floor_log2 : x);
+                    buf[k] = w;
+                    sn += w;
+                }
+                dn += sn;
+                for (int64_t c = 0; c < V; c++) {
+                    const float *restrict v = val + g * svg + c * svc;
+                    float sa = 0.0f;
+                    #pragma omp simd reduction(+:sa)
+                    for (int64_t k = k0; k < k1; k++) sa += buf[k] * v[k];
+                    da[c] += sa;
+                }
+            }
+            double ref = (double)shift;
+            if (first) {
+                nrm[r] = dn;
+                for (int64_t c = 0; c < V; c++) acc[r * V + c] = da[c];
+                mx[r] = ref;
+            } else {
+                double newmax = fmax(mx[r], ref);
+                double old_scale = exp2((mx[r] - newmax) * to_base2), new_scale = exp2((ref - newmax) * to_base2);
+                nrm[r] = nrm[r] * old_scale + dn * new_scale;
+                for (int64_t c = 0; c < V; c++) acc[r * V + c] = acc[r * V + c] * old_scale + da[c] * new_scale;
+                mx[r] = newmax;
+            }
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
