@@ -17,6 +17,7 @@ from locality.models.pca_locality.kernel import Precision
 from locality.models.pca_locality.selection import LOGIT_TOLERANCE, MAX_DIGITS
 from locality.schedule import alpha_bar
 from locality.statistics import fit_statistics
+from locality.models.autotune import KernelTuner
 from synthetic import PreferKernel, eight_bit, local_images, noisy, pca_oracle
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
@@ -353,3 +354,46 @@ def test_inexact_int8_is_refused_or_left_out(synth8, monkeypatch, caplog):
     assert tuner.seen == ["float32"] and auto.last_kernel == "float32"
     assert "not exact" in caplog.text
     assert (got - pca_oracle(x, 500, images, stats, 0.02)).abs().max() < 1e-4
+
+
+class _Recording(KernelTuner):
+    """Measures for real and records (key, candidates) of every choice."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu")
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def choose(self, key, candidates, total_images, total_samples, min_images=None):
+        self.calls.append((key, list(candidates)))
+        return super().choose(key, candidates, total_images, total_samples, min_images)
+
+
+def test_a_new_gathered_class_times_only_the_mask_dependent_kernels_again(synth8):
+    """Steps whose masks leave int8_gather different shares of the work are separate decisions
+    (it wins the local masks and loses the half-covered ones); at the second such class, the
+    kernels whose cost does not depend on the mask are not timed again: only the fastest of them
+    at the first class competes with int8_gather."""
+    images, stats = synth8
+    tuner = _Recording()
+    model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32, tuner=tuner)
+    classes: dict[int, int] = {}
+    for t in range(900, 0, -50):
+        plan = model.plan(t)
+        if plan.strategy == "dense":
+            classes.setdefault(round(math.log2(plan.gathered_fraction)), t)
+    assert len(classes) >= 2, classes
+    first_t, second_t = list(classes.values())[:2]
+    x = noisy(images, first_t)
+    model(x, first_t)
+    key1, names1 = [c for c in tuner.calls if c[0].startswith("pca_locality")][-1]
+    assert "|gathered~2^" in key1 and {"float32", "int8_intmm", "int8_gather"} <= set(names1)
+    rates = tuner.known(key1).ms_per_1000_images
+    fastest_fixed = min((n for n in rates if n != "int8_gather"), key=rates.get)
+    model(noisy(images, second_t), second_t)
+    key2, names2 = [c for c in tuner.calls if c[0].startswith("pca_locality")][-1]
+    assert key2 != key1 and key2.split("|gathered")[0] == key1.split("|gathered")[0]
+    assert sorted(names2) == sorted({"int8_gather", fastest_fixed})
+    # the same class again: remembered, nothing measured
+    before = len(tuner.calls)
+    model(x, first_t)
+    assert tuner.known(key1).source == "measured" and len(tuner.calls) == before + 1

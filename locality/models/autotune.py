@@ -166,6 +166,16 @@ class KernelTuner:
                  rates, decision.probe_seconds)
         return decision
 
+    def known(self, key: str) -> Decision | None:
+        """The decision remembered for ``key`` (in memory or the store), or None."""
+        self._load()
+        return self._decisions.get(key)
+
+    def known_with_prefix(self, prefix: str) -> list[Decision]:
+        """Every remembered decision whose key starts with ``prefix``."""
+        self._load()
+        return [d for key, d in self._decisions.items() if key.startswith(prefix)]
+
     def measure(self, candidates: Mapping[str, Prepare], total_images: int, total_samples: int,
                 min_images: Mapping[str, int] | None = None) -> Decision:
         """The staged probe of the module docstring; returns the decision (not stored)."""

@@ -41,6 +41,9 @@ class MaskPlan:
     density: float
     binary: bool
     source: torch.Tensor
+    # Σ_m min(|M[:, m] = 1|, |M[:, m] = 0|) / n²: the share of the dense work int8_gather's
+    # GEMMs do (each output reads its mask's inputs or their complement)
+    gathered_fraction: float
     device: torch.device
     sparse_t: torch.Tensor | None = None
     _dense: dict = field(default_factory=dict)
@@ -92,6 +95,7 @@ def plan_mask(mask: torch.Tensor, device: torch.device) -> MaskPlan:
     jmax = int(col_nnz.max()) if n else 0
     plan = MaskPlan(strategy="dense", max_column_nnz=jmax, max_column_abs_sum=float(mask.abs().sum(0).max()),
                     density=float(nonzero.sum()) / max(n * n, 1), binary=binary, source=mask,
+                    gathered_fraction=float(torch.minimum(col_nnz, n - col_nnz).sum()) / max(n * n, 1),
                     device=torch.device(device))
     if binary and jmax <= max(1, int(n * SPARSE_MAX_FRACTION)):
         plan.strategy = "sparse"
