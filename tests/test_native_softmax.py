@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -205,3 +206,55 @@ def test_pca_locality_kernels_through_native_match_float64(native, kernel, t, th
         got = model(x, t).double().reshape(len(x), -1)
         assert model.training.native is not None
         assert (got - want).abs().max() < 1e-4, (kernel, chunk, model.last_kernel)
+
+
+def test_sparse_step_matches_float64(native):
+    """pca_locality's sparse form, fused: direct float64 differences over each output's mask
+    ones (CSR, rows of 0 to 9 ones), softmax of the output value's own image values; chunked."""
+    g = torch.Generator().manual_seed(11)
+    n, batch, total, a, scale = 12, 3, 1300, 0.99, 400.0
+    mask = torch.rand(n, n, generator=g) < 0.3
+    mask[:, 4] = False  # an output without ones: uniform weights
+    with warnings.catch_warnings():  # torch calls its CSR support beta (as plan_mask does)
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        csr = mask.T.double().to_sparse_csr()
+    x = torch.randn(batch, n, generator=g, dtype=torch.float64)
+    y = torch.rand(n, total, generator=g, dtype=torch.float64) * 2 - 1
+    diff = (x.T.unsqueeze(2) - a * y.unsqueeze(1)).square()  # [n_in, B, K]
+    logits = -scale * torch.einsum("im,ibk->mbk", mask.double(), diff)
+    want = (torch.softmax(logits, dim=2) * y.unsqueeze(1)).sum(2).T  # [B, n]
+    for lib in (native, None):
+        acc = OnlineSoftmaxAverage(native=lib)
+        for s, e in chunked(total, 500):
+            part = y[:, s:e].contiguous()
+            acc.update_sparse(x, part, csr, a, scale,
+                              lambda part=part: -scale * (csr @ (x.T.unsqueeze(2) - a * part.unsqueeze(1)).square()
+                                                          .reshape(n, -1)).view(n, batch, -1))
+        assert (acc.result() - want).abs().max() < 1e-5, lib
+
+
+class _Prefers(KernelTuner):
+    def __init__(self, names: set[str]) -> None:
+        super().__init__("cpu")
+        self.names = names
+
+    def choose(self, key, candidates, total_images, total_samples, min_images=None):
+        for name in candidates:
+            if name in self.names:
+                return Decision(name, {}, 0, 0.0, "preferred by the test")
+        return super().choose(key, candidates, total_images, total_samples, min_images)
+
+
+def test_pca_locality_sparse_steps_through_native_match_float64(native):
+    from locality.statistics import fit_statistics
+
+    images = eight_bit(local_images(num=300, side=8))
+    stats = fit_statistics(images, progress=False)
+    for t, threshold in ((0, 0.02), (20, 0.05)):
+        x = noisy(images, t, count=3)
+        want = pca_oracle(x, t, images, stats, threshold)
+        model = build_model("pca_locality", images, stats, mask_threshold=threshold, dtype=torch.float32,
+                            chunk_size=50, tuner=_Prefers({"native", "sparse"}))
+        got = model(x, t).double().reshape(len(x), -1)
+        assert model.last_kernel == "sparse" and model.training.native is not None
+        assert (got - want).abs().max() < 1e-4, t

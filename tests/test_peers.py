@@ -7,67 +7,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import require_reference
 from locality.models import build_model
+from locality.models.oracle import els_oracle, pspc_oracle
 from locality.schedule import alpha_bar
-
-# ------------------------------------------------------------------ float64 brute force (SPEC)
-
-
-def brute_els(x: torch.Tensor, y: torch.Tensor, t: int, k: int, variant: str) -> torch.Tensor:
-    """The SPEC formula pixel by pixel: explicit candidate sets, padded windows, direct
-    differences, one softmax per pixel over all candidates of all images. x [B, C, H, W],
-    y [N, C, H, W] -> [B, C, H, W] float64."""
-    x, y = x.double(), y.double()
-    abar = float(alpha_bar(t))
-    a, s2 = math.sqrt(abar), 1.0 - abar
-    _, c, h, w = x.shape
-    d = k // 2
-    mode = "circular" if variant == "circular" else "constant"
-    xp = F.pad(x, (d, d, d, d), mode=mode) if d else x
-    yp = F.pad(y, (d, d, d, d)) if d else y
-    out = torch.empty_like(x)
-    for i in range(h):
-        for j in range(w):
-            if variant == "local":
-                cands = [(i, j)]
-            elif variant == "circular":
-                cands = [(u, v) for u in range(d, h - d) for v in range(d, w - d)]
-            else:
-                rows = [i] if (i < d or i > h - 1 - d) else list(range(d, h - d))
-                cols = [j] if (j < d or j > w - 1 - d) else list(range(d, w - d))
-                cands = [(u, v) for u in rows for v in cols]
-            q = xp[:, :, i : i + k, j : j + k].reshape(x.shape[0], 1, -1)  # [B, 1, D]
-            wins = torch.stack([yp[:, :, u : u + k, v : v + k].reshape(y.shape[0], -1) for u, v in cands], 1)
-            vals = torch.stack([y[:, :, u, v] for u, v in cands], 1).reshape(-1, c)  # [N·P, C]
-            dist = (q.unsqueeze(1) - a * wins.unsqueeze(0)).square().sum(-1).reshape(x.shape[0], -1)
-            out[:, :, i, j] = torch.softmax(-dist / (2 * s2), dim=1) @ vals
-    return out
-
-
-def brute_pspc(x: torch.Tensor, y: torch.Tensor, t: int, p: int, mirror: bool) -> torch.Tensor:
-    """The SPEC formula window by window: m_R per p×p window, then the mean over the windows
-    containing each pixel (p clipped to the image)."""
-    x, y = x.double(), y.double()
-    if mirror:
-        y = torch.cat([y, y.flip(-1)])
-    abar = float(alpha_bar(t))
-    a, s2 = math.sqrt(abar), 1.0 - abar
-    b, c, h, w = x.shape
-    ph, pw = min(p, h), min(p, w)
-    total = torch.zeros_like(x)
-    count = torch.zeros(h, w, dtype=torch.float64)
-    for r in range(h - ph + 1):
-        for q in range(w - pw + 1):
-            xr = x[:, :, r : r + ph, q : q + pw].reshape(b, 1, -1)
-            yr = y[:, :, r : r + ph, q : q + pw].reshape(1, y.shape[0], -1)
-            wts = torch.softmax(-(xr - a * yr).square().sum(-1) / (2 * s2), dim=1)  # [B, N]
-            total[:, :, r : r + ph, q : q + pw] += (wts @ yr[0]).reshape(b, c, ph, pw)
-            count[r : r + ph, q : q + pw] += 1
-    return total / count
-
 
 def small_data(seed: int = 0, shape=(2, 7, 6), num: int = 5, batch: int = 3):
     """Random 8-bit images (exact in float32, like every dataset here) and noisy samples (a
@@ -96,10 +40,47 @@ ELS_CASES = [(v, k) for v in ("borders", "circular", "local") for k in (1, 3, 5,
 def test_els_matches_brute_force(variant, k, t):
     y, noise = small_data()
     x = noised(y[:3].flip(0), noise, t)  # near the data at low noise: peaked softmaxes
-    want = brute_els(x, y, t, k, variant)
+    want = els_oracle(x, y, t, k, variant)
     for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
         model = build_model("els", y, None, patch_sizes=k, variant=variant, dtype=dtype)
         torch.testing.assert_close(model(x, t).double(), want, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("variant,k", [("borders", 3), ("borders", 5), ("circular", 3), ("local", 5)])
+@pytest.mark.parametrize("t", [300, 20, 0])
+def test_els_through_the_native_softmax_matches_brute_force(variant, k, t):
+    """float32 els with the fused C softmax taken on purpose (where the tuner would measure it):
+    float32 logits through the fused softmax, float64 steps (t = 0, 20) through its direct
+    differences, without any GEMM."""
+    from synthetic import PreferKernel
+
+    y, noise = small_data()
+    x = noised(y[:3].flip(0), noise, t)
+    want = els_oracle(x, y, t, k, variant)
+    model = build_model("els", y, None, patch_sizes=k, variant=variant, dtype=torch.float32,
+                        tuner=PreferKernel("native"))
+    got = model(x, t).double()
+    assert model._native is not None
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    if t == 0:
+        assert model.last_dtype == torch.float64  # the direct-difference path ran
+
+
+@pytest.mark.parametrize("mirror", [True, False])
+@pytest.mark.parametrize("p", [1, 3, 4, 7])
+@pytest.mark.parametrize("t", [300, 20, 0])
+def test_pspc_through_the_native_softmax_matches_brute_force(mirror, p, t):
+    """float32 pspc with the fused C softmax taken on purpose: rectangles of ≤ 64 values through
+    its weighted sums, larger ones through the GEMM, float64 steps through its direct differences."""
+    from synthetic import PreferKernel
+
+    y, noise = small_data(shape=(1, 7, 13))
+    x = noised(y[:3].flip(0), noise, t)
+    want = pspc_oracle(x, y, t, p, mirror)
+    model = build_model("pspc", y, None, patch_sizes=p, mirror=mirror, dtype=torch.float32,
+                        tuner=PreferKernel("native"))
+    torch.testing.assert_close(model(x, t).double(), want, atol=1e-4, rtol=0)
+    assert model._native is not None
 
 
 @pytest.mark.parametrize("mirror", [True, False])
@@ -111,7 +92,7 @@ def test_pspc_matches_brute_force(mirror, p, t):
 
     y, noise = small_data(1, shape=(2, 7, 13))
     x = noised(y[:3], noise, t)
-    want = brute_pspc(x, y, t, p, mirror)
+    want = pspc_oracle(x, y, t, p, mirror)
     layouts = build_model("pspc", y, None, patch_sizes=p).layouts(p)
     assert ("rows" in layouts) == (p < 6)
     for layout in layouts:
@@ -135,7 +116,7 @@ def test_els_brute_force_is_not_trivially_local():
     tests above can tell the variants apart)."""
     y, noise = small_data(3)
     x = noised(y[:3], noise, 300)
-    outs = [brute_els(x, y, 300, 3, v) for v in ("borders", "circular", "local")]
+    outs = [els_oracle(x, y, 300, 3, v) for v in ("borders", "circular", "local")]
     assert (outs[0] - outs[1]).abs().max() > 1e-3 and (outs[0] - outs[2]).abs().max() > 1e-3
 
 
@@ -285,5 +266,5 @@ def test_cuda_matches_the_authors_vectors_and_the_cpu(name):
         x = noised(y[:3], noise, 100)
         for variant in ("borders", "circular", "local"):
             model = build_model("els", y, None, patch_sizes=5, variant=variant, dtype=torch.float32, device="cuda")
-            torch.testing.assert_close(model(x.cuda(), 100).double().cpu(), brute_els(x, y, 100, 5, variant),
+            torch.testing.assert_close(model(x.cuda(), 100).double().cpu(), els_oracle(x, y, 100, 5, variant),
                                        atol=1e-4, rtol=0)

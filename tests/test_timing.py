@@ -81,6 +81,19 @@ def test_benchmark_core_measures_a_real_deviation(monkeypatch):
     assert off["max_abs_dev_vs_float64"] > 9e-4
 
 
+@pytest.mark.parametrize("name,params", [("els", {"patch_sizes": [5, 3, 3]}), ("pspc", {"patch_sizes": 3})])
+def test_benchmark_checks_the_peers_against_their_float64_model(name, params):
+    """els and pspc have no cheap plain oracle at bench sizes: the check runs the model in
+    float64 (tested against the oracles in test_peers.py), and reports the float32 run's distance."""
+    images = natural_image_proxy(30, 1, 6, seed=4).float() / 127.5 - 1
+    settings = BenchSettings(num_samples=2, batch_size=2, num_steps=3, repeats=1, check_subset=20,
+                             check_samples=2)
+    report = benchmark(name, {**params, "num_steps": 3, "dtype": torch.float32, "device": torch.device("cpu")},
+                       images, "proxy", settings)
+    assert 0 < report["max_abs_dev_vs_float64"] < 1e-4
+    assert len(report["max_abs_dev_per_step"]) == 3
+
+
 def test_natural_image_proxy_shapes_and_spectrum():
     a = natural_image_proxy(50, 3, 16, seed=0)
     assert a.dtype == torch.uint8 and a.shape == (50, 3, 16, 16)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from locality.models.memory import Workspace, chunk_rows, memory_budget
-from locality.models.softmax import LOG2_E, OnlineSoftmaxAverage
+from locality.models.softmax import LOG2_E, WEIGHT_FLOOR_LOG, OnlineSoftmaxAverage
 
 if TYPE_CHECKING:
     from locality.models.native import NativeSoftmax
@@ -109,6 +109,8 @@ def sliding_average(queries: torch.Tensor, images: torch.Tensor, band: Band, a: 
     windows = lh * lw
     dtype, device = queries.dtype, queries.device
     item = queries.element_size()
+    if native is not None and dtype == torch.float64 and device.type == "cpu" and channels <= native.max_values:
+        return _sliding_direct(queries, images, band, a, scale, chunk_size, native)
     aug = torch.empty(rows, dim + 1, dtype=dtype, device=device)
     aug[:, :dim] = queries * (2.0 * a * scale * LOG2_E)  # base-2 logits: exp2 is the fast one
     aug[:, dim] = -a * a * scale * LOG2_E
@@ -139,6 +141,33 @@ def sliding_average(queries: torch.Tensor, images: torch.Tensor, band: Band, a: 
             logits = torch.mm(q, cand.T, out=ws.take("logits", (len(q), k * windows), dtype))
             acc.update(logits, values, ones_column=True)
     return torch.cat([acc.result() for acc in accs])
+
+
+def _sliding_direct(queries: torch.Tensor, images: torch.Tensor, band: Band, a: float, scale: float,
+                    chunk_size: int | None, native: NativeSoftmax) -> torch.Tensor:
+    """:func:`sliding_average` for float64 steps through the native kernel: logits of float64
+    direct differences (no expanded form to cancel, no logits in memory), every query row in one
+    call per chunk; the windows copied once per chunk into [D, K·L] (candidates contiguous)."""
+    rows, dim = queries.shape
+    num, channels = images.shape[:2]
+    lh, lw = band.positions
+    windows = lh * lw
+    # images per chunk: the windows [D, K·L] and values [C, K·L]; at most MAX_UPDATE_COLUMNS
+    # candidates per update, as the torch path (float32 sums over blocks of 512 in the kernel)
+    size = _chunk_images(8 * windows * (dim + channels), queries.device, chunk_size, num)
+    size = min(size, max(1, MAX_UPDATE_COLUMNS // windows))
+    acc = OnlineSoftmaxAverage(base2=True, native=native)
+    ws = Workspace(queries.device)
+    ch, cw = band.centre
+    for start in range(0, num, size):
+        part = images[start : start + size, :, band.r0 : band.r1, band.c0 : band.c1]
+        k = part.shape[0]
+        view = part.unfold(2, band.kernel[0], 1).unfold(3, band.kernel[1], 1).permute(0, 2, 3, 1, 4, 5)
+        cand = ws.take("cand_t", (dim, k * windows), torch.float64)
+        cand.view(dim, k, windows).copy_(view.reshape(k, windows, dim).permute(2, 0, 1))
+        values = part[:, :, ch : ch + lh, cw : cw + lw].reshape(k, channels, windows).transpose(1, 2)
+        acc.update_direct(queries, cand, values.reshape(k * windows, channels), a, scale * LOG2_E)
+    return acc.result()
 
 
 @dataclass(frozen=True)
@@ -188,6 +217,10 @@ def masked_tile_average(x: torch.Tensor, images: torch.Tensor, tile: Tile, a: fl
     dtype, device = x.dtype, x.device
     item = x.element_size()
     s_count = len(tile.windows)
+    if native is not None and dtype == torch.float64 and device.type == "cpu":
+        width = channels if tile.centres is not None else channels * (tile.r1 - tile.r0) * (tile.c1 - tile.c0)
+        if width <= native.max_values:
+            return _tile_direct(x, images, tile, a, scale, chunk_size, native)
     masks = tile.masks(channels, dtype, device)  # [S, D_r]
     dim = masks.shape[1]
     region = x[:, :, tile.r0 : tile.r1, tile.c0 : tile.c1].reshape(batch, dim)
@@ -225,3 +258,39 @@ def masked_tile_average(x: torch.Tensor, images: torch.Tensor, tile: Tile, a: fl
         return res
     own = torch.arange(s_count, device=device)
     return res.view(s_count, batch, s_count, channels)[own, :, own]  # window s's own value pixel
+
+
+def _tile_direct(x: torch.Tensor, images: torch.Tensor, tile: Tile, a: float, scale: float,
+                 chunk_size: int | None, native: NativeSoftmax) -> torch.Tensor:
+    """:func:`masked_tile_average` for float64 steps through the native kernel: each window's
+    logits from float64 direct differences over its own pixels of the rectangle (the CSR of
+    the tile's masks), no GEMM and no logits in memory. Returns what the GEMM path does:
+    [S, B, C·h·w] (pspc) or [S, B, C] (the windows' value pixels, els)."""
+    batch, channels = x.shape[:2]
+    num = images.shape[0]
+    s_count = len(tile.windows)
+    masks = tile.masks(channels, torch.float64, torch.device("cpu")) != 0  # [S, D_r]
+    dim = masks.shape[1]
+    indptr = torch.zeros(s_count + 1, dtype=torch.int64)
+    indptr[1:] = masks.sum(1).cumsum(0)
+    indices = masks.nonzero()[:, 1].contiguous()
+    region = x[:, :, tile.r0 : tile.r1, tile.c0 : tile.c1].reshape(1, batch, dim).contiguous()
+    centres = tile.centre_index(channels, x.device) if tile.centres is not None else None
+    width = dim if centres is None else channels
+    size = _chunk_images(8 * 2 * dim, x.device, chunk_size, num)
+    size = min(size, MAX_UPDATE_COLUMNS)
+    state = None
+    ws = Workspace(x.device)
+    for start in range(0, num, size):
+        part = images[start : start + size, :, tile.r0 : tile.r1, tile.c0 : tile.c1]
+        k = part.shape[0]
+        cand = ws.take("cand_t", (dim, k), torch.float64)
+        cand.copy_(part.reshape(k, dim).T)
+        # pspc: every window averages the whole rectangle; els: window s its own value pixel
+        values = cand.unsqueeze(0) if centres is None else cand[centres].view(s_count, channels, k)
+        if state is None:
+            state = tuple(torch.empty(s_count * batch * n, dtype=torch.float64) for n in (1, 1, width))
+        native.direct_update(state, start == 0, s_count, batch, k, region, cand, values, a, scale * LOG2_E, 1.0,
+                             WEIGHT_FLOOR_LOG * LOG2_E, (indptr, indices))
+    _, norm, total = state
+    return (total.view(s_count * batch, width) / norm.unsqueeze(1)).view(s_count, batch, width)

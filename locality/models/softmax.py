@@ -141,6 +141,46 @@ class OnlineSoftmaxAverage:
             logits.add_(converted, alpha=coefs[j])
         self.update_pixel_major(logits, values)
 
+    def update_sparse(self, x64: torch.Tensor, y64: torch.Tensor, sparse_t: torch.Tensor, a: float, scale: float,
+                      logits_of: Callable[[], torch.Tensor]) -> None:
+        """:meth:`update_pixel_major` for pca_locality's sparse step: natural logits
+        -scale·Mᵀ(x - a·y)² from samples x64 [B, n], the chunk's pixel-major images y64 [n, K]
+        (their own values are averaged) and Mᵀ in CSR (float64 throughout). The native kernel
+        forms them itself; otherwise ``logits_of()`` gives them [n, B, K]."""
+        if self.native is not None and x64.device.type == "cpu" and not self.base2:
+            n, batch = sparse_t.shape[0], x64.shape[0]
+            first = self.max is None
+            if first:
+                self.max, self.norm, self.acc = (torch.empty(n, batch, dtype=torch.float64) for _ in range(3))
+            self.pixel_major = True
+            # values: output value g averages its own row of the images (stride ldy per group)
+            values = y64.as_strided((n, 1, y64.shape[1]), (y64.stride(0), 0, 1))
+            self.native.direct_update((self.max, self.norm, self.acc), first, n, batch, y64.shape[1],
+                                      x64.contiguous().unsqueeze(0), y64, values, a, scale, LOG2_E,
+                                      WEIGHT_FLOOR_LOG * LOG2_E,
+                                      (sparse_t.crow_indices().contiguous(), sparse_t.col_indices().contiguous()))
+            return
+        self.update_pixel_major(logits_of(), y64)
+
+    def update_direct(self, queries: torch.Tensor, candidates: torch.Tensor, values: torch.Tensor, a: float,
+                      scale: float) -> None:
+        """:meth:`update` (per-row layout, ``values`` [K, V], V ≤ the kernel's maximum) for
+        logits -scale·‖q - a·c‖² (in the accumulator's units) of float64 queries [R, D] and
+        candidates [D, K], formed by the native kernel from float64 direct differences (no
+        cancellation: els' low-noise steps). Native only: the logits differ from the expanded
+        form's by a per-row constant, so one accumulator takes one form throughout."""
+        if self.native is None:
+            raise ValueError("update_direct needs the native kernel")
+        rows = queries.shape[0]
+        first = self.max is None
+        if first:
+            self.max, self.norm = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
+            self.acc = torch.empty(rows, values.shape[1], dtype=torch.float64)
+        self.native.direct_update((self.max, self.norm, self.acc), first, 1, rows, candidates.shape[1],
+                                  queries.contiguous().unsqueeze(0), candidates,
+                                  values.T.to(torch.float64).contiguous().unsqueeze(0), a, scale,
+                                  1.0 if self.base2 else LOG2_E, WEIGHT_FLOOR_LOG * LOG2_E)
+
     def _native_takes(self, logits: torch.Tensor) -> bool:
         return self.native is not None and logits.dtype == torch.float32 and logits.device.type == "cpu"
 

@@ -1,5 +1,9 @@
 """The fused online softmax in C (``online_softmax.c``), compiled on first use by the machine's
-own C compiler and loaded with ctypes.
+own C compiler and loaded with ctypes. Two entry points: :meth:`NativeSoftmax.update` folds
+given float32 logits, or int8 kernels' digit sums, into an online softmax state;
+:meth:`NativeSoftmax.direct_update` forms float64 logits of direct differences itself (the
+low-noise steps: pca_locality's sparse step, els' and pspc's float64 steps), so no logits are
+ever written to memory.
 
 Why: with the GEMMs of pca_locality's int8 kernels down to their hardware rate, most of a step
 was torch's element-wise passes over the [n, B, K] logits: combine the digits' int32 sums
@@ -58,6 +62,12 @@ class NativeSoftmax:
                        ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int
         self._fn = fn
+        direct = self._lib.direct_softmax_update
+        f64, f32 = ctypes.c_double, ctypes.c_float
+        direct.argtypes = [i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64, f64, f64, ptr, i64, i64, i64,
+                           ptr, ptr, ptr, f32, f32, ctypes.c_int, ctypes.c_int]
+        direct.restype = ctypes.c_int
+        self._direct = direct
         self.max_values = int(self._lib.online_softmax_max_values())
 
     def update(self, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor], first: bool, groups: int, batch: int,
@@ -74,14 +84,8 @@ class NativeSoftmax:
         (candidates contiguous; a first dimension of 1 serves every group). Weights are
         2^((l - max)·to_base2), at least 2^-floor_log2."""
         mx, norm, acc = state
-        for name, t in (("max", mx), ("norm", norm), ("acc", acc)):
-            if t.dtype != torch.float64 or not t.is_contiguous() or t.device.type != "cpu":
-                raise ValueError(f"native softmax: the {name} state must be contiguous float64 on the CPU")
-        rows = groups * batch
-        v = values.shape[1]
-        if mx.numel() != rows or norm.numel() != rows or acc.numel() != rows * v or not 1 <= v <= self.max_values:
-            raise ValueError(f"native softmax: state sizes {mx.numel()}, {norm.numel()}, {acc.numel()} do not fit "
-                             f"{rows} rows of {v} values (at most {self.max_values})")
+        rows, v = groups * batch, values.shape[1]
+        self._check_state(state, rows, v, "native softmax")
         _check_rows(values, torch.float32, count, "values")
         if values.shape[0] not in (1, groups):
             raise ValueError(f"native softmax: values has {values.shape[0]} groups, expected 1 or {groups}")
@@ -113,10 +117,68 @@ class NativeSoftmax:
                           values.data_ptr(), value_group_stride, values.stride(1), v,
                           mx.data_ptr(), norm.data_ptr(), acc.data_ptr(), to_base2, floor_log2, int(first),
                           torch.get_num_threads())
-        if status == -1:
-            raise MemoryError("native softmax: no memory for a row buffer")
-        if status != 0:
-            raise ValueError(f"native softmax: arguments refused (status {status})")
+        _raise_on(status, "native softmax")
+
+
+    def direct_update(self, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor], first: bool, groups: int,
+                      batch: int, count: int, queries: torch.Tensor, candidates: torch.Tensor, values: torch.Tensor,
+                      a: float, scale: float, to_base2: float, floor_log2: float,
+                      csr: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Fold one chunk of ``count`` candidates into ``state`` = (max [R], norm [R], acc [R, V])
+        float64 contiguous, R = groups·batch, with logits of direct differences in float64:
+        -scale·Σ_i (queries[g, b, i] - a·candidates[i, k])² over every i, or with ``csr`` =
+        (indptr [groups + 1], indices) int64 over the inputs of row g. ``queries`` float64
+        [groups or 1, batch, n] (last dimension contiguous), ``candidates`` float64 [n, ≥count]
+        (candidates contiguous), ``values`` float64 [groups or 1, V, ≥count]. Weights are
+        2^((l - max)·to_base2), at least 2^-floor_log2."""
+        mx, norm, acc = state
+        rows, v = groups * batch, values.shape[1]
+        self._check_state(state, rows, v, "native direct softmax")
+        n = candidates.shape[0]
+        if queries.dtype != torch.float64 or queries.dim() != 3 or queries.shape[1:] != (batch, n) \
+                or queries.shape[0] not in (1, groups) or queries.stride(2) != 1:
+            raise ValueError(f"native direct softmax: queries must be float64 [1 or {groups}, {batch}, {n}] with the "
+                             f"last dimension contiguous, got {queries.dtype} {tuple(queries.shape)}")
+        _check_rows(candidates, torch.float64, count, "candidates")
+        _check_rows(values, torch.float64, count, "values")
+        if values.shape[0] not in (1, groups):
+            raise ValueError(f"native direct softmax: values has {values.shape[0]} groups, expected 1 or {groups}")
+        indptr = indices = None
+        if csr is not None:
+            indptr, indices = csr
+            for name, t in (("indptr", indptr), ("indices", indices)):
+                if t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu":
+                    raise ValueError(f"native direct softmax: {name} must be contiguous int64 on the CPU")
+            if indptr.numel() != groups + 1 or (indices.numel() and int(indices.max()) >= n):
+                raise ValueError("native direct softmax: the CSR does not fit the groups and inputs")
+        status = self._direct(groups, batch, count, queries.data_ptr(),
+                              queries.stride(0) if queries.shape[0] > 1 else 0, queries.stride(1),
+                              candidates.data_ptr(), candidates.stride(0),
+                              indptr.data_ptr() if indptr is not None else None,
+                              indices.data_ptr() if indices is not None else None, n, a, scale,
+                              values.data_ptr(), values.stride(0) if values.shape[0] > 1 else 0, values.stride(1), v,
+                              mx.data_ptr(), norm.data_ptr(), acc.data_ptr(), to_base2, floor_log2, int(first),
+                              torch.get_num_threads())
+        _raise_on(status, "native direct softmax")
+
+    def _check_state(self, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rows: int, v: int,
+                     what: str) -> None:
+        """ValueError unless (max, norm, acc) are contiguous float64 CPU tensors of rows, rows
+        and rows·v values, v within the kernel's maximum."""
+        for name, t in zip(("max", "norm", "acc"), state):
+            if t.dtype != torch.float64 or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(f"{what}: the {name} state must be contiguous float64 on the CPU")
+        sizes = tuple(t.numel() for t in state)
+        if sizes != (rows, rows, rows * v) or not 1 <= v <= self.max_values:
+            raise ValueError(f"{what}: state sizes {', '.join(map(str, sizes))} do not fit {rows} rows of {v} "
+                             f"values (at most {self.max_values})")
+
+
+def _raise_on(status: int, what: str) -> None:
+    if status == -1:
+        raise MemoryError(f"{what}: no memory for a row buffer")
+    if status != 0:
+        raise ValueError(f"{what}: arguments refused (status {status})")
 
 
 def _check_rows(t: torch.Tensor, dtype: torch.dtype, count: int, name: str) -> None:

@@ -20,7 +20,7 @@
 #include <string.h>
 
 #define SUM_BLOCK 512
-#define MAX_VALUES 16
+#define MAX_VALUES 64
 
 /* 2^x for x in [-126, 0] (callers clamp): Cephes exp2f's polynomial on [-1/2, 1/2], relative
  * error below 2e-7, vectorisable (no libm call) */
@@ -94,6 +94,22 @@ static float row_logits(float *restrict buf, int64_t K, int64_t g, int64_t b, in
     return m;
 }
 
+/* fold a chunk's normaliser dn and weighted sums da (weights relative to ref) into row r */
+static void merge_row(int64_t r, int64_t V, double ref, double dn, const double *da, double *mx, double *nrm,
+                      double *acc, float to_base2, int first) {
+    if (first) {
+        nrm[r] = dn;
+        for (int64_t c = 0; c < V; c++) acc[r * V + c] = da[c];
+        mx[r] = ref;
+        return;
+    }
+    double newmax = fmax(mx[r], ref);
+    double old_scale = exp2((mx[r] - newmax) * to_base2), new_scale = exp2((ref - newmax) * to_base2);
+    nrm[r] = nrm[r] * old_scale + dn * new_scale;
+    for (int64_t c = 0; c < V; c++) acc[r * V + c] = acc[r * V + c] * old_scale + da[c] * new_scale;
+    mx[r] = newmax;
+}
+
 int online_softmax_max_values(void) { return MAX_VALUES; }
 
 /* returns 0; -1 when a row buffer could not be allocated (the state is then undefined: the caller
@@ -152,18 +168,108 @@ int online_softmax_update(int64_t G, int64_t B, int64_t K,
                     da[c] += sa;
                 }
             }
-            double ref = (double)shift;
-            if (first) {
-                nrm[r] = dn;
-                for (int64_t c = 0; c < V; c++) acc[r * V + c] = da[c];
-                mx[r] = ref;
-            } else {
-                double newmax = fmax(mx[r], ref);
-                double old_scale = exp2((mx[r] - newmax) * to_base2), new_scale = exp2((ref - newmax) * to_base2);
-                nrm[r] = nrm[r] * old_scale + dn * new_scale;
-                for (int64_t c = 0; c < V; c++) acc[r * V + c] = acc[r * V + c] * old_scale + da[c] * new_scale;
-                mx[r] = newmax;
+            merge_row(r, V, (double)shift, dn, da, mx, nrm, acc, to_base2, first);
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Softmax averages over logits of direct differences, in float64 (no cancellation: the
+ * low-noise steps, where 1/(2(1-abar)) reaches 5000):
+ *   l[k] = -scale * sum_i (x[g*sxg + b*sxb + i] - a*y[i*ldy + k])^2
+ * over the inputs i of group g: indices[indptr[g] .. indptr[g+1]) (pca_locality's sparse step,
+ * the CSR of M^T), or every i < ndim when indptr is NULL (els' windows of ndim values). Values
+ * val[g*svg + c*svc + k] (float64), c < V. The weights are 2^((l - max)*to_base2): the difference
+ * is taken in float64, then rounded to float32 for the exp2 polynomial (relative error below
+ * 87 * 2^-24 + 2e-7 < 6e-6 of a weight; its effect on the average is below that times max|y|).
+ * State as for online_softmax_update. */
+int direct_softmax_update(int64_t G, int64_t B, int64_t K, const double *x, int64_t sxg, int64_t sxb,
+                          const double *y, int64_t ldy, const int64_t *indptr, const int64_t *indices,
+                          int64_t ndim, double a, double scale, const double *val, int64_t svg, int64_t svc,
+                          int64_t V, double *mx, double *nrm, double *acc, float to_base2, float floor_log2,
+                          int first, int threads) {
+    int failed = 0;
+    if (V < 1 || V > MAX_VALUES) return -2;
+    #pragma omp parallel num_threads(threads) reduction(|:failed)
+    {
+        double *buf = (double *)malloc((size_t)(K > 0 ? K : 1) * sizeof(double));
+        if (!buf) failed = 1;
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < G * B; r++) {
+            if (!buf) continue;
+            int64_t g = r / B, b = r % B;
+            const double *xr = x + g * sxg + b * sxb;
+            int64_t j0 = indptr ? indptr[g] : 0, j1 = indptr ? indptr[g + 1] : ndim;
+            /* four inputs per pass over buf (a candidate's partial sum stays in a register
+             * across them), then the rest one by one */
+            int64_t j = j0;
+            for (int64_t k = 0; k < K; k++) buf[k] = 0.0;
+            for (; j + 4 <= j1; j += 4) {
+                int64_t i0 = indptr ? indices[j] : j, i1 = indptr ? indices[j + 1] : j + 1;
+                int64_t i2 = indptr ? indices[j + 2] : j + 2, i3 = indptr ? indices[j + 3] : j + 3;
+                const double *restrict y0 = y + i0 * ldy, *restrict y1 = y + i1 * ldy;
+                const double *restrict y2 = y + i2 * ldy, *restrict y3 = y + i3 * ldy;
+                double x0 = xr[i0], x1 = xr[i1], x2 = xr[i2], x3 = xr[i3];
+                #pragma omp simd
+                for (int64_t k = 0; k < K; k++) {
+                    double d0 = x0 - a * y0[k], d1 = x1 - a * y1[k], d2 = x2 - a * y2[k], d3 = x3 - a * y3[k];
+                    buf[k] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+                }
             }
+            for (; j < j1; j++) {
+                int64_t i = indptr ? indices[j] : j;
+                const double *restrict yi = y + i * ldy;
+                double xi = xr[i];
+                #pragma omp simd
+                for (int64_t k = 0; k < K; k++) {
+                    double d = xi - a * yi[k];
+                    buf[k] += d * d;
+                }
+            }
+            double m = -INFINITY;
+            #pragma omp simd reduction(max:m)
+            for (int64_t k = 0; k < K; k++) {
+                buf[k] *= -scale;
+                m = buf[k] > m ? buf[k] : m;
+            }
+            double ref = first ? m : fmax(mx[r], m);
+            double dn = 0.0, da[MAX_VALUES];
+            for (int64_t c = 0; c < V; c++) da[c] = 0.0;
+            float w[SUM_BLOCK];
+            for (int64_t k0 = 0; k0 < K; k0 += SUM_BLOCK) {
+                int64_t n = (k0 + SUM_BLOCK < K ? k0 + SUM_BLOCK : K) - k0;
+                float sn = 0.0f;
+                if (V == 1) {  /* one value per row: weights never leave registers */
+                    const double *restrict v = val + g * svg + k0;
+                    float sa = 0.0f;
+                    #pragma omp simd reduction(+:sn, sa)
+                    for (int64_t k = 0; k < n; k++) {
+                        float xk = (float)(buf[k0 + k] - ref) * to_base2;
+                        float wk = exp2_nonpositive(xk < -floor_log2 ? -floor_log2 : xk);
+                        sn += wk;
+                        sa += wk * (float)v[k];
+                    }
+                    dn += sn;
+                    da[0] += sa;
+                    continue;
+                }
+                #pragma omp simd reduction(+:sn)
+                for (int64_t k = 0; k < n; k++) {
+                    float xk = (float)(buf[k0 + k] - ref) * to_base2;
+                    w[k] = exp2_nonpositive(xk < -floor_log2 ? -floor_log2 : xk);
+                    sn += w[k];
+                }
+                dn += sn;
+                for (int64_t c = 0; c < V; c++) {
+                    const double *restrict v = val + g * svg + c * svc + k0;
+                    float sa = 0.0f;
+                    #pragma omp simd reduction(+:sa)
+                    for (int64_t k = 0; k < n; k++) sa += w[k] * (float)v[k];
+                    da[c] += sa;
+                }
+            }
+            merge_row(r, V, ref, dn, da, mx, nrm, acc, to_base2, first);
         }
         free(buf);
     }

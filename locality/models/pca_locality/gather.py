@@ -86,7 +86,7 @@ class GatheredImages:
         return block.index_select(1, columns).T
 
 
-def fastest_gather_form(codes: torch.Tensor, layout: str, repeats: int = 3) -> str:
+def fastest_gather_form(codes: torch.Tensor, layout: str, repeats: int = 5) -> str:
     """The gather form (``rows`` or ``columns``) whose gather + GEMM runs faster here, timed on
     a quarter of the inputs of 512 images and 24 digit rows (a form the build refuses is never
     taken)."""

@@ -11,12 +11,17 @@ GEMMs can win even at low density.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from locality.models.memory import chunk_rows
 from locality.models.pca_locality.kernel import Kernel, Precision, Step
 from locality.models.pca_locality.plan import MaskPlan
-from locality.models.softmax import softmax_average
+from locality.models.softmax import OnlineSoftmaxAverage
+
+if TYPE_CHECKING:
+    from locality.models.native import NativeSoftmax
 
 
 def sparse_logits(x: torch.Tensor, y: torch.Tensor, sparse_t: torch.Tensor, a: float,
@@ -32,19 +37,17 @@ def sparse_logits(x: torch.Tensor, y: torch.Tensor, sparse_t: torch.Tensor, a: f
 
 
 def sparse_step(images: torch.Tensor, plan: MaskPlan, x64: torch.Tensor, a: float, scale: float,
-                chunk_size: int | None) -> torch.Tensor:
+                chunk_size: int | None, native: NativeSoftmax | None = None) -> torch.Tensor:
     """One low-noise step from the mask's ones only, in float64 (:func:`sparse_logits`), over
-    the images [N, n]."""
+    the images [N, n]; with ``native``, logits and softmax fused in C (no [n, B, K] temporaries)."""
     batch, n = x64.shape
     # bytes per image: diff and logits [n, B], the pixel-major copy and the softmax's [n, 2], float64
     size = chunk_rows(8 * (2 * batch + 3) * n, x64.device, chunk_size, total=images.shape[0])
-
-    def chunks():
-        for start in range(0, images.shape[0], size):
-            y = images[start : start + size].T.to(torch.float64).contiguous()  # [n, K] pixel-major
-            yield sparse_logits(x64, y, plan.sparse_t, a, scale), y
-
-    return softmax_average(chunks())
+    acc = OnlineSoftmaxAverage(native=native if x64.device.type == "cpu" else None)
+    for start in range(0, images.shape[0], size):
+        y = images[start : start + size].T.to(torch.float64).contiguous()  # [n, K] pixel-major
+        acc.update_sparse(x64, y, plan.sparse_t, a, scale, lambda: sparse_logits(x64, y, plan.sparse_t, a, scale))
+    return acc.result()
 
 
 class SparseKernel(Kernel):
@@ -61,4 +64,4 @@ class SparseKernel(Kernel):
         return Precision(torch.float64)
 
     def run(self, side: torch.Tensor, step: Step, precision: Precision, chunk_size: int | None) -> torch.Tensor:
-        return sparse_step(side, step.plan, step.x64, step.a, step.scale, chunk_size)
+        return sparse_step(side, step.plan, step.x64, step.a, step.scale, chunk_size, self.images.native)
