@@ -76,3 +76,12 @@ class PreferKernel(KernelTuner):
         if self.name in candidates:
             return Decision(self.name, {}, 0, 0.0, "preferred by the test")
         return super().choose(key, candidates, total_images, total_samples)
+
+
+def small_data(seed: int = 0, shape=(2, 7, 6), num: int = 5, batch: int = 3):
+    """Random 8-bit images (exact in float32, like every dataset here) and noisy samples (a
+    non-square image catches swapped axes)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 256, (num, *shape), generator=g).double() / 127.5 - 1
+    x = torch.randn(batch, *shape, generator=g, dtype=torch.float64)
+    return y, x

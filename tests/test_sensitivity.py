@@ -102,13 +102,14 @@ ELS = [("borders", 3), ("borders", 5), ("borders", 9), ("circular", 3), ("circul
 @pytest.mark.parametrize("variant,k", ELS)
 @pytest.mark.parametrize("t", [700, 100])
 def test_els_streamed_gradient_matches_autograd_through_the_brute_force(variant, k, t, monkeypatch):
-    from test_peers import brute_els, small_data
+    from locality.models.oracle import els_oracle
+    from synthetic import small_data
 
     monkeypatch.setattr(sens, "CHUNK_BYTES", 8 * 400)  # a few images per chunk
     y, x = small_data(seed=2, shape=(2, 7, 6), num=4, batch=2)
     model = build_model("els", y, None, patch_sizes=k, num_steps=10, variant=variant, dtype=torch.float64)
     for pixel in [(0, 3, 2), (1, 0, 0), (0, 6, 4), (1, 1, 5)]:
-        want = autograd_row(lambda z: brute_els(z, y, t, k, variant), x, pixel)
+        want = autograd_row(lambda z: els_oracle(z, y, t, k, variant), x, pixel)
         got = sens.sensitivity_field(model, x, t, pixel)
         assert (got - want).abs().max() <= 1e-9 * max(1.0, float(want.abs().max())), (pixel, variant, k)
 
@@ -116,12 +117,13 @@ def test_els_streamed_gradient_matches_autograd_through_the_brute_force(variant,
 @pytest.mark.parametrize("p,mirror", [(3, True), (4, False), (9, True)])
 @pytest.mark.parametrize("t", [600, 100])
 def test_pspc_streamed_gradient_matches_autograd_through_the_brute_force(p, mirror, t):
-    from test_peers import brute_pspc, small_data
+    from locality.models.oracle import pspc_oracle
+    from synthetic import small_data
 
     y, x = small_data(seed=4, shape=(2, 7, 6), num=4, batch=2)
     model = build_model("pspc", y, None, patch_sizes=p, num_steps=10, mirror=mirror, dtype=torch.float64)
     for pixel in [(0, 3, 2), (1, 0, 0), (0, 6, 5)]:
-        want = autograd_row(lambda z: brute_pspc(z, y, t, p, mirror), x, pixel)
+        want = autograd_row(lambda z: pspc_oracle(z, y, t, p, mirror), x, pixel)
         got = sens.sensitivity_field(model, x, t, pixel)
         assert (got - want).abs().max() <= 1e-9 * max(1.0, float(want.abs().max())), (pixel, p, mirror)
 

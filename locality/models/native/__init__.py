@@ -136,7 +136,7 @@ class NativeSoftmax:
         self._check_state(state, rows, v, "native direct softmax")
         n = candidates.shape[0]
         if queries.dtype != torch.float64 or queries.dim() != 3 or queries.shape[1:] != (batch, n) \
-                or queries.shape[0] not in (1, groups) or queries.stride(2) != 1:
+                or queries.shape[0] not in (1, groups) or (queries.stride(2) != 1 and n > 1):
             raise ValueError(f"native direct softmax: queries must be float64 [1 or {groups}, {batch}, {n}] with the "
                              f"last dimension contiguous, got {queries.dtype} {tuple(queries.shape)}")
         _check_rows(candidates, torch.float64, count, "candidates")
