@@ -23,6 +23,7 @@ process without one), written atomically.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import logging
@@ -252,7 +253,11 @@ def load_native_softmax(build_dir: str | Path | None) -> NativeSoftmax | None:
     with the reason, and the torch path runs)."""
     key = str(build_dir) if build_dir is not None else ""
     if key not in _libraries:
-        directory = Path(build_dir) if build_dir is not None else Path(tempfile.mkdtemp(prefix="locality-native-"))
+        if build_dir is not None:
+            directory = Path(build_dir)
+        else:  # removed when the process ends (the loaded library stays mapped until then)
+            directory = Path(tempfile.mkdtemp(prefix="locality-native-"))
+            atexit.register(shutil.rmtree, directory, True)
         try:
             _libraries[key] = _build(directory)
         except (RuntimeError, OSError) as e:
