@@ -397,3 +397,23 @@ def test_a_new_gathered_class_times_only_the_mask_dependent_kernels_again(synth8
     before = len(tuner.calls)
     model(x, first_t)
     assert tuner.known(key1).source == "measured" and len(tuner.calls) == before + 1
+
+
+def test_a_gathered_class_learns_only_from_its_own_shapes(synth8):
+    """The rates of another chunk size (a key that merely begins like this one's) do not prune
+    this one's probe: its first class times every candidate."""
+    images, stats = synth8
+    tuner = _Recording()
+    plain = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32, tuner=tuner)
+    chunked = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32, tuner=tuner,
+                          chunk_size=7)
+    classes: dict[int, int] = {}
+    for t in range(900, 0, -50):
+        plan = plain.plan(t)
+        if plan.strategy == "dense":
+            classes.setdefault(round(math.log2(plan.gathered_fraction)), t)
+    first_t, second_t = list(classes.values())[:2]
+    chunked(noisy(images, first_t), first_t)  # its keys begin with the plain model's prefix
+    plain(noisy(images, second_t), second_t)
+    key, names = [c for c in tuner.calls if c[0].startswith("pca_locality")][-1]
+    assert "|chunk=" not in key and {"float32", "int8_intmm", "int8_gather"} <= set(names)

@@ -97,19 +97,21 @@ def _within(kernels: dict[str, Kernel], names: list[str], step: Step,
     return out
 
 
-def decision_key(kind: str, names: list[str], step: Step, num_images: int, chunk_size: int | None) -> str:
+def decision_key(kind: str, names: list[str], step: Step, num_images: int, chunk_size: int | None,
+                 gathered: bool = True) -> str:
     """What a measured choice is remembered by: the kind of step, its candidates, the shapes
     (:func:`~locality.models.autotune.shape_key`), the sparse mask's density to the nearest
     power of two (the sparse kernel's work is proportional to it), and where ``int8_gather``
     competes, the share of the dense work it does, likewise (8 % at the noisiest Fashion-MNIST
-    step, 40 % at t = 300: it wins the first and loses the second to ``int8_intmm``)."""
+    step, 40 % at t = 300: it wins the first and loses the second to ``int8_intmm``), last
+    (``gathered=False`` leaves it out: what keys of every class begin with)."""
     from locality.models.autotune import shape_key
 
     batch, n = step.x64.shape
     key = f"pca_locality|{kind}|{'+'.join(sorted(names))}|{shape_key(n, batch, num_images, chunk_size)}"
     if "sparse" in names:
         key += f"|density~2^{round(math.log2(max(step.plan.density, 1e-12)))}"
-    if "int8_gather" in names and len(names) > 1:
+    if gathered and "int8_gather" in names and len(names) > 1:
         key += f"|gathered~2^{round(math.log2(max(step.plan.gathered_fraction, 1e-12)))}"
     return key
 
@@ -142,10 +144,11 @@ def choose_kernel(tuner: KernelTuner, kernels: dict[str, Kernel], kind: str, cho
     on the mask, and every class would otherwise time them again (~1 s each on a first run)."""
     num = kernels["float64"].images.count
     key = decision_key(kind, list(chosen), step, num, chunk_size)
+    classless = decision_key(kind, list(chosen), step, num, chunk_size, gathered=False)
     probed = dict(chosen)
-    if "|gathered~" in key and tuner.known(key) is None:
+    if key != classless and tuner.known(key) is None:
         rates: dict[str, list[float]] = {}
-        for other in tuner.known_with_prefix(key[: key.index("|gathered~")]):
+        for other in tuner.known_with_prefix(classless + "|gathered~"):
             for name, ms in other.ms_per_1000_images.items():
                 rates.setdefault(name, []).append(ms)
         fixed = {name: min(ms) for name, ms in rates.items() if name in chosen and name not in MASK_DEPENDENT}
