@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from locality.models.memory import Workspace, chunk_rows, memory_budget
-from locality.models.softmax import LOG2_E, WEIGHT_FLOOR_LOG, OnlineSoftmaxAverage
+from locality.models.softmax import LOG2_E, OnlineSoftmaxAverage
 
 if TYPE_CHECKING:
     from locality.models.native import NativeSoftmax
@@ -157,6 +157,7 @@ def _sliding_direct(queries: torch.Tensor, images: torch.Tensor, band: Band, a: 
     size = _chunk_images(8 * windows * (dim + channels), queries.device, chunk_size, num)
     size = min(size, max(1, MAX_UPDATE_COLUMNS // windows))
     acc = OnlineSoftmaxAverage(base2=True, native=native)
+    rows_in = queries.contiguous().unsqueeze(0)  # [1, R, D]: every query row, one group
     ws = Workspace(queries.device)
     ch, cw = band.centre
     for start in range(0, num, size):
@@ -165,8 +166,10 @@ def _sliding_direct(queries: torch.Tensor, images: torch.Tensor, band: Band, a: 
         view = part.unfold(2, band.kernel[0], 1).unfold(3, band.kernel[1], 1).permute(0, 2, 3, 1, 4, 5)
         cand = ws.take("cand_t", (dim, k * windows), torch.float64)
         cand.view(dim, k, windows).copy_(view.reshape(k, windows, dim).permute(2, 0, 1))
-        values = part[:, :, ch : ch + lh, cw : cw + lw].reshape(k, channels, windows).transpose(1, 2)
-        acc.update_direct(queries, cand, values.reshape(k * windows, channels), a, scale * LOG2_E)
+        values = ws.take("values_t", (channels, k * windows), torch.float64)  # the windows' centre pixels
+        values.view(channels, k, windows).copy_(part[:, :, ch : ch + lh, cw : cw + lw].reshape(k, channels, windows)
+                                                .transpose(0, 1))
+        acc.update_direct(rows_in, cand, values.unsqueeze(0), a, scale * LOG2_E)
     return acc.result()
 
 
@@ -192,6 +195,15 @@ class Tile:
         for s, (t, b, l, r) in enumerate(self.windows):
             m[s, :, t - self.r0 : b - self.r0, l - self.c0 : r - self.c0] = 1.0
         return m.reshape(len(self.windows), -1)
+
+    @functools.lru_cache(maxsize=4096)
+    def window_inputs(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`masks` as CSR on the CPU, (indptr [S + 1], indices) int64: window s's values
+        in the flattened (C, h, w) rectangle (the native kernel's direct differences)."""
+        ones = self.masks(channels, torch.float64, torch.device("cpu")) != 0
+        indptr = torch.zeros(len(self.windows) + 1, dtype=torch.int64)
+        indptr[1:] = ones.sum(1).cumsum(0)
+        return indptr, ones.nonzero()[:, 1].contiguous()
 
     @functools.lru_cache(maxsize=4096)
     def centre_index(self, channels: int, device: torch.device) -> torch.Tensor:
@@ -269,17 +281,14 @@ def _tile_direct(x: torch.Tensor, images: torch.Tensor, tile: Tile, a: float, sc
     batch, channels = x.shape[:2]
     num = images.shape[0]
     s_count = len(tile.windows)
-    masks = tile.masks(channels, torch.float64, torch.device("cpu")) != 0  # [S, D_r]
-    dim = masks.shape[1]
-    indptr = torch.zeros(s_count + 1, dtype=torch.int64)
-    indptr[1:] = masks.sum(1).cumsum(0)
-    indices = masks.nonzero()[:, 1].contiguous()
+    csr = tile.window_inputs(channels)
+    dim = channels * (tile.r1 - tile.r0) * (tile.c1 - tile.c0)
     region = x[:, :, tile.r0 : tile.r1, tile.c0 : tile.c1].reshape(1, batch, dim).contiguous()
     centres = tile.centre_index(channels, x.device) if tile.centres is not None else None
     width = dim if centres is None else channels
     size = _chunk_images(8 * 2 * dim, x.device, chunk_size, num)
     size = min(size, MAX_UPDATE_COLUMNS)
-    state = None
+    acc = OnlineSoftmaxAverage(base2=True, native=native)
     ws = Workspace(x.device)
     for start in range(0, num, size):
         part = images[start : start + size, :, tile.r0 : tile.r1, tile.c0 : tile.c1]
@@ -288,9 +297,5 @@ def _tile_direct(x: torch.Tensor, images: torch.Tensor, tile: Tile, a: float, sc
         cand.copy_(part.reshape(k, dim).T)
         # pspc: every window averages the whole rectangle; els: window s its own value pixel
         values = cand.unsqueeze(0) if centres is None else cand[centres].view(s_count, channels, k)
-        if state is None:
-            state = tuple(torch.empty(s_count * batch * n, dtype=torch.float64) for n in (1, 1, width))
-        native.direct_update(state, start == 0, s_count, batch, k, region, cand, values, a, scale * LOG2_E, 1.0,
-                             WEIGHT_FLOOR_LOG * LOG2_E, (indptr, indices))
-    _, norm, total = state
-    return (total.view(s_count * batch, width) / norm.unsqueeze(1)).view(s_count, batch, width)
+        acc.update_direct(region, cand, values, a, scale * LOG2_E, csr)
+    return acc.result().view(s_count, batch, width)

@@ -146,58 +146,60 @@ class OnlineSoftmaxAverage:
         """:meth:`update_pixel_major` for pca_locality's sparse step: natural logits
         -scale·Mᵀ(x - a·y)² from samples x64 [B, n], the chunk's pixel-major images y64 [n, K]
         (their own values are averaged) and Mᵀ in CSR (float64 throughout). The native kernel
-        forms them itself; otherwise ``logits_of()`` gives them [n, B, K]."""
+        forms them itself (:meth:`update_direct`); otherwise ``logits_of()`` gives them [n, B, K]."""
         if self.native is not None and x64.device.type == "cpu" and not self.base2:
-            n, batch = sparse_t.shape[0], x64.shape[0]
-            first = self.max is None
-            if first:
-                self.max, self.norm, self.acc = (torch.empty(n, batch, dtype=torch.float64) for _ in range(3))
+            n = sparse_t.shape[0]
             self.pixel_major = True
             # values: output value g averages its own row of the images (stride ldy per group)
             values = y64.as_strided((n, 1, y64.shape[1]), (y64.stride(0), 0, 1))
-            self.native.direct_update((self.max, self.norm, self.acc), first, n, batch, y64.shape[1],
-                                      x64.contiguous().unsqueeze(0), y64, values, a, scale, LOG2_E,
-                                      WEIGHT_FLOOR_LOG * LOG2_E,
-                                      (sparse_t.crow_indices().contiguous(), sparse_t.col_indices().contiguous()))
+            self.update_direct(x64.contiguous().unsqueeze(0), y64, values, a, scale,
+                               (sparse_t.crow_indices().contiguous(), sparse_t.col_indices().contiguous()))
             return
         self.update_pixel_major(logits_of(), y64)
 
     def update_direct(self, queries: torch.Tensor, candidates: torch.Tensor, values: torch.Tensor, a: float,
-                      scale: float) -> None:
-        """:meth:`update` (per-row layout, ``values`` [K, V], V ≤ the kernel's maximum) for
-        logits -scale·‖q - a·c‖² (in the accumulator's units) of float64 queries [R, D] and
-        candidates [D, K], formed by the native kernel from float64 direct differences (no
-        cancellation: els' low-noise steps). Native only: the logits differ from the expanded
-        form's by a per-row constant, so one accumulator takes one form throughout."""
+                      scale: float, csr: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """One chunk of logits -scale·Σ_i (q_i - a·c_i)² (in the accumulator's units), formed by
+        the native kernel from float64 direct differences (no cancellation: the low-noise steps)
+        over every input i, or with ``csr`` = (indptr [G + 1], indices) over the inputs of group
+        g: queries [1 or G, B, n], candidates [n, K], values [1 or G, V, K] (candidates
+        contiguous; a first dimension of 1 serves every group). Rows are (g, b) as in
+        :meth:`_native_state`. Native only: the logits differ from the expanded form's by a
+        per-row constant, so one accumulator takes one form throughout."""
         if self.native is None:
             raise ValueError("update_direct needs the native kernel")
-        rows = queries.shape[0]
-        first = self.max is None
-        if first:
-            self.max, self.norm = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
-            self.acc = torch.empty(rows, values.shape[1], dtype=torch.float64)
-        self.native.direct_update((self.max, self.norm, self.acc), first, 1, rows, candidates.shape[1],
-                                  queries.contiguous().unsqueeze(0), candidates,
-                                  values.T.to(torch.float64).contiguous().unsqueeze(0), a, scale,
-                                  1.0 if self.base2 else LOG2_E, WEIGHT_FLOOR_LOG * LOG2_E)
+        groups = csr[0].numel() - 1 if csr is not None else 1
+        batch = queries.shape[1]
+        first = self._native_state(groups, batch, values.shape[1])
+        self.native.direct_update((self.max, self.norm, self.acc), first, groups, batch, candidates.shape[1],
+                                  queries, candidates, values, a, scale, self._to_base2(),
+                                  WEIGHT_FLOOR_LOG * LOG2_E, csr)
 
     def _native_takes(self, logits: torch.Tensor) -> bool:
         return self.native is not None and logits.dtype == torch.float32 and logits.device.type == "cpu"
 
     def _native_update(self, batch: int, groups: int, count: int, values: torch.Tensor, **source) -> None:
-        """One chunk through the C kernel. The state keeps the torch path's shapes, which are the
-        kernel's rows r = g·batch + b: pixel-major (groups > 0 output values, one value each)
-        max, norm and acc [groups, batch]; per image (groups 1) max and norm [batch], acc
-        [batch, V]."""
-        first = self.max is None
-        if first:
-            pixel_major = self.pixel_major
-            shape = (groups, batch) if pixel_major else (batch,)
-            self.max = torch.empty(shape, dtype=torch.float64)
-            self.norm = torch.empty(shape, dtype=torch.float64)
-            self.acc = torch.empty(shape if pixel_major else (batch, values.shape[1]), dtype=torch.float64)
+        """One chunk of given logits or int8 digit sums through the C kernel."""
+        first = self._native_state(groups, batch, values.shape[1])
         self.native.update((self.max, self.norm, self.acc), first, groups, batch, count, values,
-                           1.0 if self.base2 else LOG2_E, WEIGHT_FLOOR_LOG * LOG2_E, **source)
+                           self._to_base2(), WEIGHT_FLOOR_LOG * LOG2_E, **source)
+
+    def _native_state(self, groups: int, batch: int, values: int) -> bool:
+        """Allocate the state before a first native update (True then): the torch path's shapes,
+        whose elements are the C kernel's rows r = g·batch + b: pixel-major (one value per row)
+        max, norm and acc [groups, batch]; otherwise max and norm [groups·batch], acc
+        [groups·batch, values]."""
+        if self.max is not None:
+            return False
+        rows = (groups, batch) if self.pixel_major else (groups * batch,)
+        self.max = torch.empty(rows, dtype=torch.float64)
+        self.norm = torch.empty(rows, dtype=torch.float64)
+        self.acc = torch.empty(rows if self.pixel_major else (*rows, values), dtype=torch.float64)
+        return True
+
+    def _to_base2(self) -> float:
+        """The factor from the logits' units to base 2 (the C kernel's exp2)."""
+        return 1.0 if self.base2 else LOG2_E
 
     def _floor(self) -> float:
         return WEIGHT_FLOOR_LOG * LOG2_E if self.base2 else WEIGHT_FLOOR_LOG
