@@ -187,8 +187,9 @@ class _Decides(KernelTuner):
 @pytest.mark.parametrize("winner", ["native", "torch"])
 def test_the_measurement_decides(native, winner):
     tuner = _Decides(winner)
-    got = measured_softmax(tuner)
+    got = measured_softmax(tuner, torch.float32)
     assert tuner.asked and (got is not None) == (winner == "native")
+    assert measured_softmax(_Decides(winner), torch.float64) is None  # the float64 oracle stays on torch
 
 
 @pytest.mark.parametrize("kernel", ["float32", "int8_intmm", "int8_gather"])

@@ -394,9 +394,10 @@ def test_a_new_gathered_class_times_only_the_mask_dependent_kernels_again(synth8
     assert key2 != key1 and key2.split("|gathered")[0] == key1.split("|gathered")[0]
     assert sorted(names2) == sorted({"int8_gather", fastest_fixed})
     # the same class again: remembered, nothing measured
-    before = len(tuner.calls)
+    before, probed = len(tuner.calls), tuner.probe_seconds_total
     model(x, first_t)
-    assert tuner.known(key1).source == "measured" and len(tuner.calls) == before + 1
+    assert tuner.known(key1).source == "measured" and tuner.probe_seconds_total == probed
+    assert [key for key, _ in tuner.calls[before:] if key.startswith("pca_locality")] == [key1]
 
 
 def test_a_gathered_class_learns_only_from_its_own_shapes(synth8):

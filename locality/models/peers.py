@@ -102,7 +102,6 @@ class PatchDenoiser(Denoiser):
         self.last_dtype: torch.dtype | None = None
         self.tuner = tuner if tuner is not None else KernelTuner(self.device)
         self._native: NativeSoftmax | None = None  # the fused C softmax, where measured faster
-        self._softmax_chosen = False
 
     @classmethod
     def from_data(cls, images: torch.Tensor, stats=None, **params):
@@ -156,9 +155,7 @@ class PatchDenoiser(Denoiser):
         x64 = x_t.to(self.device, torch.float64)
         cdt = self.compute_dtype(x64, t, size)
         self.last_dtype = cdt
-        if not self._softmax_chosen:
-            self._native = measured_softmax(self.tuner) if self.dtype == torch.float32 else None
-            self._softmax_chosen = True
+        self._native = measured_softmax(self.tuner, self.dtype)
         abar = self.alpha_bar(t)
         return self.step(x64.to(cdt), math.sqrt(abar), 1.0 / (2.0 * (1.0 - abar)), size, self.images_in(cdt))
 

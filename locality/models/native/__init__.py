@@ -274,15 +274,17 @@ def native_unavailable_reason(build_dir: str | Path | None) -> str | None:
     return None if isinstance(found, NativeSoftmax) else found
 
 
-def measured_softmax(tuner) -> NativeSoftmax | None:
-    """The native softmax where it builds here and ``tuner`` (a
+def measured_softmax(tuner, dtype: torch.dtype) -> NativeSoftmax | None:
+    """The native softmax for a model of ``dtype`` where it builds here and ``tuner`` (a
     :class:`~locality.models.autotune.KernelTuner` on the CPU) measures it faster than the torch
-    path, else None. Both are timed on pixel-major float32 logits of 16 output values (the
-    tuner's staged probe over a growing number of candidates); the library lives beside the
+    path, else None (and for float64 models, the exactness oracles, which stay on torch's
+    float64 path). Both are timed on pixel-major float32 logits of 16 output values (the tuner's
+    staged probe over a growing number of candidates), once: the tuner and this module remember
+    the answer and the library, so a model may ask at every step. The library lives beside the
     tuner's store (``native/``) or, without a store, in a temporary directory of this process."""
     from locality.models.softmax import OnlineSoftmaxAverage
 
-    if tuner.device.type != "cpu":
+    if tuner.device.type != "cpu" or dtype == torch.float64:
         return None
     build_dir = tuner.store_path.parent / "native" if tuner.store_path is not None else None
     native = load_native_softmax(build_dir)

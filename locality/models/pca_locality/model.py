@@ -64,7 +64,6 @@ class PcaLocalityDenoiser(DatasetDenoiser):
             Int8Kernel(self.training, "int_mm"), Int8GatherKernel(self.training), SparseKernel(self.training))}
         self.last_strategy: tuple[str, torch.dtype] | None = None  # (dense or sparse, dtype): tests, bench
         self.last_kernel: str | None = None  # the kernel of the last step, e.g. sparse, float32, int8_intmmx3
-        self._softmax_chosen = False
 
     @classmethod
     def from_data(cls, images: torch.Tensor, stats: DataStatistics, **params):
@@ -101,9 +100,7 @@ class PcaLocalityDenoiser(DatasetDenoiser):
         return Step(t=int(t), plan=self.plan(int(t)), x64=x64, abar=abar, a=abar**0.5, scale=scale)
 
     def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        if not self._softmax_chosen:  # the fused C softmax where it builds and is measured faster
-            self.training.native = measured_softmax(self.tuner) if self.dtype != torch.float64 else None
-            self._softmax_chosen = True
+        self.training.native = measured_softmax(self.tuner, self.dtype)  # the fused C softmax, if faster here
         step = self.step_inputs(x_t, t)
         kind, candidates = step_candidates(self.kernels, step, self.dense_kernel,
                                            float64_only=self.dtype == torch.float64)
