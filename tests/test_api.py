@@ -31,3 +31,21 @@ def test_api_lists_registries():
 
     assert set(locality.available_models()) >= {"pca_locality", "optimal", "wiener", "nearest_dataset", "unet"}
     assert set(locality.available_datasets()) == {"mnist", "fashion_mnist", "cifar10", "celeba_hq", "afhq", "gaussian_field"}
+
+
+def test_a_run_at_the_stored_resolution_never_imports_torchvision():
+    """torchvision adds ~170 MB to the process (its import alone); the run app, the models and
+    the loaders import it only to resize or download."""
+    code = (
+        "import sys, torch\n"
+        "import locality.run, locality.data, locality.models, locality.images, locality.analysis.memorization\n"
+        "from locality.data.common import resize_uint8_batch\n"
+        "x = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)\n"
+        "assert resize_uint8_batch(x, 8) is x\n"
+        "assert 'torchvision' not in sys.modules, 'imported torchvision'\n"
+        "assert resize_uint8_batch(x, 4).shape == (2, 1, 4, 4)\n"
+        "assert 'torchvision' in sys.modules\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

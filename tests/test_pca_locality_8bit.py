@@ -66,6 +66,28 @@ def test_quad_digits_cover_every_code():
     assert torch.equal(128 * high.int() + low.int(), codes.int() ** 2 - 8192)
 
 
+def test_quad_digits_in_blocks_equal_all_at_once():
+    codes = torch.randint(-128, 128, (1000, 7), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    high, low = quad_digits(codes, rows=77)  # a last block of 76
+    assert torch.equal(128 * high.int() + low.int(), codes.int() ** 2 - 8192)
+    assert torch.equal(high, quad_digits(codes)[0]) and torch.equal(low, quad_digits(codes)[1])
+
+
+def test_fastest_accepted_keeps_the_cheaper_form_unless_another_is_clearly_faster():
+    import time
+
+    from locality.models.pca_locality.int8 import fastest_accepted
+
+    def sleeper(seconds):
+        return lambda: time.sleep(seconds)
+
+    cpu = torch.device("cpu")
+    # within the margin: the first (the form that keeps no copies) stays
+    assert fastest_accepted({"view": sleeper(0.010), "copy": sleeper(0.0098)}, cpu, margin=0.5) == "view"
+    assert fastest_accepted({"view": sleeper(0.010), "copy": sleeper(0.002)}, cpu, margin=0.5) == "copy"
+    assert fastest_accepted({"view": sleeper(0.002), "copy": sleeper(0.010)}, cpu, margin=0.0) == "view"
+
+
 def test_eight_bit_codes_detect_the_loader_format(fmnist_train):
     codes = eight_bit_codes(fmnist_train[:500].reshape(500, -1))
     assert codes is not None
@@ -176,7 +198,10 @@ def test_gather_operands_give_exact_sums(form):
             act = torch.randint(-128, 128, (5, count), dtype=torch.int8, generator=g)
             out = torch.empty(5, width, dtype=torch.int32)
             torch._int_mm(act, side.operand(block, columns), out=out)
-            assert torch.equal(out.long(), act.long() @ padded[start : start + width, columns].T)
+            k = stop - start  # the chunk's own images, then zero images up to the width
+            assert width == -(-k // 8) * 8
+            assert torch.equal(out[:, :k].long(), act.long() @ padded[start:stop, columns].T)
+            assert not out[:, k:].any()
 
 
 def test_int8_on_real_fmnist_crop_every_step_and_chunking(fmnist_crop12):

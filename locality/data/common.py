@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torchvision.transforms.functional as TF
-from torchvision.transforms import InterpolationMode
 
 from locality.resources import require_memory
 
@@ -109,6 +107,11 @@ def resize_uint8_batch(images: torch.Tensor, resolution: int) -> torch.Tensor:
         raise ValueError(f"expected a [N, C, H, W] batch, got shape {tuple(images.shape)}")
     if images.shape[-2:] == (resolution, resolution):
         return images
+    # torchvision only here (and for downloads): importing it costs ~170 MB of the process's
+    # memory, which a run of images at their stored size never needs
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
     n, c = images.shape[:2]
     require_image_memory("the dataset", n, c, resolution)
     out = torch.empty((n, c, resolution, resolution), dtype=torch.uint8)

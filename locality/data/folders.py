@@ -37,9 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
 from locality.atomic import atomic_torch_save, write_cache_or_warn
@@ -70,6 +68,9 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
     Raises:
         ValueError: the file cannot be decoded (the message names it).
     """
+    import torchvision.transforms.functional as TF  # here, not at import: see common.resize_uint8_batch
+    from torchvision.transforms import InterpolationMode
+
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB")

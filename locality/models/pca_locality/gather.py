@@ -61,9 +61,7 @@ class GatheredImages:
         self.count = codes.shape[0]
         self.form = form
         self.cublas_shapes = cublas_shapes
-        # a zero input (the padding index n) and 8 zero images: a chunk of k images is read
-        # ceil(k/8)·8 wide, like the dense operands (cuBLAS wants multiples of 8)
-        self._padded = torch.nn.functional.pad(codes, (0, 1, 0, 8))  # [N + 8, n + 1]
+        self._codes = codes
         self._blocks: dict[int, list[torch.Tensor]] = {}
 
     def blocks(self, size: int) -> list[torch.Tensor]:
@@ -71,12 +69,15 @@ class GatheredImages:
         strided view takes torch's element-wise path, ~20x slower than row copies): ``rows``
         Dᵀ [n + 1, width], ``columns`` D [width, n + 1], width = the chunk rounded up to 8."""
         if size not in self._blocks:
+            self._blocks = {}  # one chunking at a time: free the last before building the next
             out = []
             for start in range(0, self.count, size):
-                width = -(-(min(start + size, self.count) - start) // 8) * 8
-                block = self._padded[start : start + width]
-                out.append(block.T.contiguous() if self.form == ROW_GATHER else block.contiguous())
-            self._blocks = {size: out}  # one chunking at a time
+                part = self._codes[start : start + size]
+                # a zero input (the padding index n) and zero images: a chunk of k images is
+                # read ceil(k/8)·8 wide, like the dense operands (cuBLAS wants multiples of 8)
+                block = torch.nn.functional.pad(part, (0, 1, 0, (-len(part)) % 8))
+                out.append(block.T.contiguous() if self.form == ROW_GATHER else block)
+            self._blocks = {size: out}
         return self._blocks[size]
 
     def operand(self, block: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

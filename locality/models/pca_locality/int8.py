@@ -39,7 +39,7 @@ from locality.models.memory import Workspace, chunk_rows, memory_budget
 from locality.models.pca_locality.kernel import Kernel, Precision, Step
 from locality.models.pca_locality.plan import MaskPlan
 from locality.models.pca_locality.selection import (
-    INT8_CPU_CHUNK_CAP_BYTES, LOGIT_TOLERANCE, MAX_DIGITS, ONEDNN_MAX_VALUES, int8_sums_exact,
+    INT8_CPU_CHUNK_CAP_BYTES, LAYOUT_COPY_MARGIN, LOGIT_TOLERANCE, MAX_DIGITS, ONEDNN_MAX_VALUES, int8_sums_exact,
 )
 from locality.models.softmax import softmax_average_in_groups
 
@@ -87,11 +87,18 @@ def to_digits(values: torch.Tensor, digits: int) -> tuple[torch.Tensor, float]:
     return out, delta
 
 
-def quad_digits(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H, L) int8 with D² - 8192 = 128·H + L, H ∈ [-64, 64], L ∈ [-64, 63]."""
-    e = codes.to(torch.int32).square_().sub_(QUAD_OFFSET)
-    low = torch.remainder(e + 64, 128) - 64
-    return ((e - low) // 128).to(torch.int8), low.to(torch.int8)
+def quad_digits(codes: torch.Tensor, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, L) int8 with D² - 8192 = 128·H + L, H ∈ [-64, 64], L ∈ [-64, 63]; computed in
+    blocks of ``rows`` images (the int32 intermediates of all of them at once would be 16 bytes
+    an input: 750 MB on Fashion-MNIST)."""
+    high = torch.empty_like(codes)
+    low = torch.empty_like(codes)
+    for start in range(0, codes.shape[0], rows):
+        e = codes[start : start + rows].to(torch.int32).square_().sub_(QUAD_OFFSET)
+        part = torch.remainder(e + 64, 128).sub_(64)
+        low[start : start + rows] = part
+        high[start : start + rows] = e.sub_(part).div_(128, rounding_mode="floor")
+    return high, low
 
 
 def int8_error_estimate(digits: int, dtype: torch.dtype, a: float, scale: float, x_abs_max: float,
@@ -160,11 +167,13 @@ def int_mm_operand(weights: torch.Tensor, layout: str) -> torch.Tensor:
     return weights.T if layout == "view" else weights.T.contiguous()
 
 
-def fastest_accepted(products: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5) -> str:
+def fastest_accepted(products: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
+                     margin: float = 0.0) -> str:
     """The name of the fastest of ``products`` (name -> a call of torch._int_mm on some operand
     form): the median of ``repeats`` timed calls after one untimed one, the forms in alternation
     (A B A B …: a machine whose speed drifts treats them alike); a form whose call raises (the
-    build refuses it) is never taken."""
+    build refuses it) is never taken. ``margin``: the first accepted form (the cheaper one to
+    keep) stays unless another is faster by more than this fraction of its time."""
     accepted = {}
     for name, product in products.items():
         try:
@@ -183,19 +192,23 @@ def fastest_accepted(products: dict[str, Callable[[], object]], device: torch.de
                 torch.cuda.synchronize(device)
             samples[name].append(time.perf_counter() - start)
     times = {name: statistics.median(ts) for name, ts in samples.items()}
-    return min(times, key=times.get)
+    first = next(iter(times))
+    fastest = min(times, key=times.get)
+    return first if times[fastest] >= times[first] * (1 - margin) else fastest
 
 
 def fastest_int_mm_layout(codes: torch.Tensor, repeats: int = 5) -> str:
     """The operand layout of ``torch._int_mm`` that runs faster here, timed on a product of
     the real width (1 024 rows, 1 024 images; a layout the build refuses is never taken). On
     the EPYC of the README both ran at the same speed (Fashion-MNIST, 4 096 images: 0.26 and
-    0.31 ms for 24 rows, 6.0 and 5.9 ms for 784), so which one wins there is noise."""
+    0.31 ms for 24 rows, 6.0 and 5.9 ms for 784), so which one wins there is noise: ``view``
+    stays unless ``copy`` is more than 10 % faster (the copies hold three more int8 copies of
+    the images, 141 MB on Fashion-MNIST)."""
     weights = codes[:1024]
     act = codes[: min(1024, len(codes))].repeat(max(1, -(-1024 // max(len(codes), 1))), 1)[:1024]
     operands = {layout: int_mm_operand(weights, layout) for layout in ("view", "copy")}
     return fastest_accepted({layout: (lambda op=op: int_mm_padded(act, op)) for layout, op in operands.items()},
-                            codes.device, repeats)
+                            codes.device, repeats, margin=LAYOUT_COPY_MARGIN)
 
 
 def _onednn_mm(act: torch.Tensor, packed: torch.Tensor, count: int, scale: float,
