@@ -162,3 +162,24 @@ def test_pca_locality_never_picks_a_slow_backend(synth8, monkeypatch):
     model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32)
     got = model(x, 500).double().reshape(len(x), -1)
     assert model.last_kernel.startswith(("int8_intmmx", "int8_gatherx")) and (got - want).abs().max() < 1e-4
+
+
+def test_a_slow_round_before_the_last_does_not_make_a_kernel_look_free_per_image(monkeypatch):
+    """A kernel of large fixed cost whose round before the last was slowed by the machine (a
+    spike of 40 ms): measured against that round, its cost per added image would come out ~0
+    and its rate at the full count absurdly low. Measured over the whole span of the rounds it
+    stays near its true 10 ms per 1000 images."""
+    monkeypatch.setattr(autotune, "MIN_TIMED_S", 0.02)  # the probe stops at 1 024 images (plain: 20 ms)
+    spiky_calls, plain_calls = [], []
+
+    def spiky(images: int, samples: int):
+        def run():
+            spiky_calls.append(images)
+            time.sleep(0.02 + 1e-5 * images + (0.04 if images == 256 else 0.0))
+        return run
+
+    decision = KernelTuner("cpu").measure({"plain": sleeper(2e-5, plain_calls), "spiky": spiky}, 60_000, 8,
+                                          min_images={"spiky": 1024})
+    assert 256 in spiky_calls and max(spiky_calls) == 1024
+    assert decision.ms_per_1000_images["spiky"] > 5.0  # true: 10 + 20 ms / 60 = 10.3
+    assert decision.kernel == "spiky"

@@ -21,8 +21,10 @@ quantized GEMM running a scalar fallback at 0.24 GOPS) costs milliseconds, not m
    every survivor has run on its ``min_images`` (a kernel's own floor: below it, its fixed cost
    per call says nothing of its rate), or every image is used;
 3. final: ``REPEATS`` alternating timed calls of each survivor within ``FINAL_FACTOR`` of the
-   best (A B A B …, so a machine whose speed drifts treats them alike); with the previous round's time this gives each kernel's
-   cost per added image and its fixed cost per call, and the smallest cost per image at the
+   best (A B A B …, so a machine whose speed drifts treats them alike; the last round's call is
+   the first of them); with the first round's time at all samples (``SCREEN_IMAGES`` images:
+   a span of hundreds of times the images, so noise cannot hide the slope) this gives each
+   kernel's cost per added image and its fixed cost per call, and the smallest cost per image at the
    full count wins (a kernel of large fixed cost is not judged by a small probe).
 
 Decisions are kept in memory and, with a ``store_dir``, in one JSON file per machine
@@ -49,7 +51,7 @@ log = logging.getLogger(__name__)
 
 SCREEN_IMAGES = 4
 GROWTH = 4
-MIN_TIMED_S = 0.05
+MIN_TIMED_S = 0.02
 DROP_FACTOR = 4.0
 DROP_FLOOR_S = 0.005
 FINAL_FACTOR = 2.0  # only kernels within this factor of the best per image go to the final repeats
@@ -196,10 +198,15 @@ class KernelTuner:
         previous = images
         if len(alive) > 1:  # the cost at all samples, for the first round's cost per added image
             fixed = {name: self._time(candidates[name](previous, total_samples)) for name in alive}
+        # the recorded costs per added image are measured from here, over the whole span of the
+        # rounds: between two close timings, noise can make it ~0 (a kernel whose fixed cost
+        # dominates both would then look free per image)
+        base, base_images = dict(fixed), previous
         images = min(SCREEN_IMAGES * GROWTH, total_images)
         while len(alive) > 1:  # grow: all samples, 4x more images a round
             seconds = {name: self._time(candidates[name](images, total_samples)) for name in alive}
-            alive = self._survivors(seconds, images, per_image, fixed, previous, total_images, floor)
+            alive = self._survivors(seconds, images, per_image, fixed, previous, total_images, floor,
+                                    (base, base_images))
             judged = all(images >= floor[name] for name in alive)
             if (min(seconds.values()) >= MIN_TIMED_S and judged) or images >= total_images:
                 break
@@ -210,13 +217,15 @@ class KernelTuner:
             alive = [name for name in alive if per_image[name] <= FINAL_FACTOR * best]
         if len(alive) > 1:
             runs = {name: candidates[name](images, total_samples) for name in alive}
-            samples: dict[str, list[float]] = {name: [] for name in alive}
-            for _ in range(REPEATS):
+            # the last round's call is the first of the REPEATS at this count (it ran in the
+            # same alternation)
+            samples: dict[str, list[float]] = {name: [seconds[name]] for name in alive}
+            for _ in range(REPEATS - 1):
                 for name, run in runs.items():
                     samples[name].append(self._time(run))
             for name in alive:
-                per_image[name] = _full_count_rate(statistics.median(samples[name]), images, fixed[name],
-                                                   previous, total_images)
+                per_image[name] = _full_count_rate(statistics.median(samples[name]), images, base[name],
+                                                   base_images, total_images)
         winner = min(alive, key=lambda name: per_image[name])
         seconds = time.perf_counter() - start
         self.probe_seconds_total += seconds
@@ -225,8 +234,9 @@ class KernelTuner:
     @staticmethod
     def _survivors(seconds: dict[str, float], images: int, per_image: dict[str, float],
                    before: dict[str, float], images_before: int, total_images: int,
-                   floor: Mapping[str, int]) -> list[str]:
-        """Record each candidate's seconds per image at the full count (:func:`_full_count_rate`);
+                   floor: Mapping[str, int], base: tuple[dict[str, float], int] | None = None) -> list[str]:
+        """Record each candidate's seconds per image at the full count (:func:`_full_count_rate`,
+        from ``base`` = (seconds, images) of an earlier round, default ``before``);
         drop those more than DROP_FACTOR times slower than the best both in total (above
         DROP_FLOOR_S) and per added image (from ``before``, the seconds at ``images_before``),
         unless their time grew less than 2x over 4x the images or they have not yet run on their
@@ -236,8 +246,9 @@ class KernelTuner:
         added = {name: _added_image_rate(s, images, before.get(name, 0.0), images_before)
                  for name, s in seconds.items()}
         best_added = min(added.values())
+        base_seconds, base_images = base if base is not None else (before, images_before)
         for name, s in seconds.items():
-            per_image[name] = _full_count_rate(s, images, before.get(name, 0.0), images_before, total_images)
+            per_image[name] = _full_count_rate(s, images, base_seconds.get(name, 0.0), base_images, total_images)
         return [name for name, s in seconds.items()
                 if s <= max(DROP_FACTOR * best, DROP_FLOOR_S) or added[name] <= DROP_FACTOR * best_added
                 or s < 2 * before.get(name, 0.0) or images < floor[name]]
