@@ -63,18 +63,22 @@ def optimal_oracle_of(x: torch.Tensor, t: int, images: torch.Tensor, tau: float 
 
 
 class PreferKernel(KernelTuner):
-    """A tuner that takes kernel ``name`` wherever it is a candidate and measures otherwise: lets
-    a test run one kernel's path on purpose, whatever would be fastest."""
+    """A tuner that takes kernel ``name`` (or the first of ``names`` that is a candidate) wherever
+    it is a candidate and measures otherwise: lets a test run one kernel's path on purpose,
+    whatever would be fastest (e.g. ``PreferKernel("native", "runs")``: the fused softmax and
+    pspc's tiles of runs)."""
 
-    def __init__(self, name: str, device: str = "cpu") -> None:
+    def __init__(self, name: str, *names: str, device: str = "cpu") -> None:
         super().__init__(device)
         self.name = name
+        self.names = (name, *names)
         self.seen: list[str] = []  # the candidates of the last choice
 
     def choose(self, key, candidates, total_images, total_samples, min_images=None) -> Decision:
         self.seen = list(candidates)
-        if self.name in candidates:
-            return Decision(self.name, {}, 0, 0.0, "preferred by the test")
+        for name in self.names:
+            if name in candidates:
+                return Decision(name, {}, 0, 0.0, "preferred by the test")
         return super().choose(key, candidates, total_images, total_samples)
 
 

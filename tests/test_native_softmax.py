@@ -83,15 +83,28 @@ def test_per_image_layout_with_shared_values(native, ones_column, columns):
     assert (got - want).abs().max() < 1e-5
 
 
-def test_more_values_than_the_kernel_takes_run_on_torch(native):
-    """pspc averages whole rectangles (V > 16): the torch path, same result."""
-    g = torch.Generator().manual_seed(3)
-    logits = torch.randn(4, 300, generator=g) * 10
-    values = torch.rand(300, 40, generator=g)
-    acc = OnlineSoftmaxAverage(base2=True, native=native)
-    acc.update(logits.clone(), values)
+@pytest.mark.parametrize("size", [1, 333, 1500])
+def test_more_values_than_the_fused_sums_take(native, size, monkeypatch):
+    """pspc averages whole rectangles (V > max_values): the C kernel forms the weights (and
+    keeps the maximum and normaliser), torch's GEMMs the sums; logits whose maximum rises from
+    chunk to chunk, any chunking: within 1e-5 of float64 and of the torch path."""
+    g = torch.Generator().manual_seed(size)
+    rows, total, columns = 4, 1500, native.max_values + 36
+    logits = torch.randn(rows, total, generator=g) * 30 + torch.linspace(0, 200, total)  # the max keeps rising
+    values = torch.rand(total, columns, generator=g) * 2 - 1
+    calls = []
+    weights_update = native.weights_update
+    monkeypatch.setattr(native, "weights_update", lambda *a, **k: (calls.append(1), weights_update(*a, **k))[1])
+    results = {}
+    for name, lib in (("native", native), ("torch", None)):
+        acc = OnlineSoftmaxAverage(base2=True, native=lib)
+        for s, e in chunked(total, size):
+            acc.update(logits[:, s:e].clone(), values[s:e])
+        results[name] = acc.result()
+    assert len(calls) == len(chunked(total, size))  # the native path ran every chunk
     want = torch.softmax(logits.double() * math.log(2), dim=1) @ values.double()
-    assert (acc.result() - want).abs().max() < 1e-5
+    assert (results["native"] - want).abs().max() < 1e-5
+    assert (results["native"] - results["torch"]).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("digits", range(1, MAX_DIGITS + 1))
@@ -126,6 +139,12 @@ def test_native_and_torch_updates_share_one_state(native):
 
 
 def test_bad_arguments_are_refused(native):
+    with pytest.raises(ValueError, match="max state must be contiguous float64"):
+        native.weights_update((torch.zeros(3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)), True,
+                              torch.zeros(4, 10), 10, 1.0, 86.0)
+    with pytest.raises(ValueError, match="logits must be torch.float32"):
+        native.weights_update((torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)), True,
+                              torch.zeros(4, 10, dtype=torch.float64), 10, 1.0, 86.0)
     state = tuple(torch.zeros(4, dtype=torch.float64) for _ in range(3))
     values = torch.rand(1, 1, 10)
     with pytest.raises(ValueError, match="logits must be torch.float32"):
@@ -259,3 +278,46 @@ def test_pca_locality_sparse_steps_through_native_match_float64(native):
         got = model(x, t).double().reshape(len(x), -1)
         assert model.last_kernel == "sparse" and model.training.native is not None
         assert (got - want).abs().max() < 1e-4, t
+
+
+@pytest.mark.parametrize("shape,patch,count", [((1, 7, 6), (3, 3), 50), ((3, 5, 5), (2, 2), 40), ((1, 6, 6), (1, 1), 33),
+                                               ((2, 4, 5), (4, 4), 20), ((1, 5, 5), (5, 5), 17), ((1, 8, 8), (3, 3), 70),
+                                               ((1, 6, 9), (2, 9), 16), ((2, 3, 4), (3, 4), 1)])
+@pytest.mark.parametrize("t", [900, 300, 0])
+def test_pspc_box_step_matches_the_formula(native, shape, patch, count, t):
+    """pspc by box sums: windows of any size up to the image (one window: the optimal model),
+    channels, non-square images, image counts that are not multiples of the kernel's blocks of
+    16 (and a single image), every noise level: within 1e-6 of the SPEC formula in float64."""
+    from locality.models.base import Denoiser
+    from locality.models.oracle import pspc_oracle
+
+    g = torch.Generator().manual_seed(count)
+    y = torch.randint(0, 256, (count, *shape), generator=g).float() / 127.5 - 1
+    x = torch.randn(3, *shape, generator=g, dtype=torch.float64)
+    abar = Denoiser.alpha_bar(t)
+    got = native.pspc_box_step(x, y, patch, math.sqrt(abar), 1 / (2 * (1 - abar)), 60 * 1.4426950408889634)
+    if patch[0] == patch[1]:
+        want = pspc_oracle(x, y, t, patch[0], mirror=False)
+        assert (got - want).abs().max() < 1e-6
+    else:  # the oracle's windows are square: the plain formula for ph × pw here
+        a, s2 = math.sqrt(abar), 1 - abar
+        h, w = shape[1:]
+        total, cover = torch.zeros_like(x), torch.zeros(h, w, dtype=torch.float64)
+        for r in range(h - patch[0] + 1):
+            for c in range(w - patch[1] + 1):
+                xr = x[:, :, r : r + patch[0], c : c + patch[1]].reshape(3, 1, -1)
+                yr = y.double()[:, :, r : r + patch[0], c : c + patch[1]].reshape(1, count, -1)
+                wts = torch.softmax(-(xr - a * yr).square().sum(-1) / (2 * s2), dim=1)
+                total[:, :, r : r + patch[0], c : c + patch[1]] += (wts @ yr[0]).reshape(3, shape[0], *patch)
+                cover[r : r + patch[0], c : c + patch[1]] += 1
+        assert (got - total / cover).abs().max() < 1e-6
+
+
+def test_pspc_box_step_refuses_bad_arguments(native):
+    x, y = torch.zeros(2, 1, 5, 5, dtype=torch.float64), torch.zeros(4, 1, 5, 5)
+    with pytest.raises(ValueError, match="does not fit"):
+        native.pspc_box_step(x, y, (6, 5), 1.0, 1.0, 86.0)
+    with pytest.raises(ValueError, match="float64"):
+        native.pspc_box_step(x.float(), y, (3, 3), 1.0, 1.0, 86.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.pspc_box_step(x, y.transpose(2, 3), (3, 3), 1.0, 1.0, 86.0)

@@ -58,21 +58,25 @@ def test_els_through_the_native_softmax_matches_brute_force(variant, k, t):
         assert model.last_dtype == torch.float64  # the direct-difference path ran
 
 
+# (on 13 columns p = 7 has only runs, which span the width)
 @pytest.mark.parametrize("mirror", [True, False])
-@pytest.mark.parametrize("p", [1, 3, 4, 7])
+@pytest.mark.parametrize("p,path", [(p, path) for p in (1, 3, 4, 7) for path in ("runs", "rows", "box")
+                                    if (p, path) != (7, "rows")])
 @pytest.mark.parametrize("t", [300, 20, 0])
-def test_pspc_through_the_native_softmax_matches_brute_force(mirror, p, t):
-    """float32 pspc with the fused C softmax taken on purpose: rectangles of ≤ 64 values through
-    its weighted sums, larger ones through the GEMM, float64 steps through its direct differences."""
+def test_pspc_through_the_native_kernels_matches_brute_force(mirror, p, path, t):
+    """float32 pspc with the C kernels taken on purpose: tiles with the fused softmax
+    (rectangles of ≤ 64 values through its weighted sums, larger ones through its weights and
+    torch's GEMMs, float64 steps through its direct differences), and ``box`` (box sums of float64
+    direct differences, every step)."""
     from synthetic import PreferKernel
 
-    y, noise = small_data(shape=(1, 7, 13))
+    y, noise = small_data(shape=(1, 7, 13), num=40)  # 80 images with the mirrors: five blocks of 16
     x = noised(y[:3].flip(0), noise, t)
     want = pspc_oracle(x, y, t, p, mirror)
     model = build_model("pspc", y, None, patch_sizes=p, mirror=mirror, dtype=torch.float32,
-                        tuner=PreferKernel("native"))
+                        tuner=PreferKernel("native", path))
     torch.testing.assert_close(model(x, t).double(), want, atol=1e-4, rtol=0)
-    assert model._native is not None
+    assert model._native is not None and model.last_kernel == path
 
 
 @pytest.mark.parametrize("mirror", [True, False])

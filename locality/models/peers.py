@@ -38,7 +38,7 @@ from locality.models.native import NativeSoftmax, measured_softmax
 from locality.models.patch_kernels import (
     Band, Tile, masked_tile_average, sliding_average, window_logit_error_estimate,
 )
-from locality.models.softmax import LOGIT_TOLERANCE
+from locality.models.softmax import LOG2_E, LOGIT_TOLERANCE, WEIGHT_FLOOR_LOG
 from locality.schedule import ddim_timesteps
 
 log = logging.getLogger(__name__)
@@ -323,19 +323,34 @@ class PspcDenoiser(PatchDenoiser):
         return tiles
 
     def step(self, x: torch.Tensor, a: float, scale: float, size: int, images: torch.Tensor) -> torch.Tensor:
-        """The layout of :meth:`layouts` that the tuner measures fastest (per shape and machine)."""
+        """The fastest of the tile layouts (:meth:`layouts`) and, with the native kernel on the
+        CPU, ``box`` (:meth:`box_step`), as the tuner measures them (per shape and machine)."""
         layouts = self.layouts(size)
         c, h, w = images.shape[1:]
+        box = self._native is not None and x.device.type == "cpu" and self.images.dtype == torch.float32
         key = (f"pspc|p={min(size, h, w)}|{c}x{h}x{w}|{str(x.dtype)[6:]}|"
-               + shape_key(c * h * w, x.shape[0], images.shape[0], self.chunk_size))
+               + ("box+" if box else "") + shape_key(c * h * w, x.shape[0], images.shape[0], self.chunk_size))
+
+        def run(name: str, xs: torch.Tensor, count: int):
+            if name == "box":
+                return lambda: self.box_step(xs, a, scale, size, count)
+            return lambda: self.tiled_step(xs, a, scale, size, images[:count], layouts[name])
 
         def probe(name: str):
-            return lambda count, samples: (lambda: self.tiled_step(x[:samples], a, scale, size, images[:count],
-                                                                    layouts[name]))
+            return lambda count, samples: run(name, x[:samples], count)
 
-        decision = self.tuner.choose(key, {name: probe(name) for name in layouts}, images.shape[0], x.shape[0])
+        names = [*layouts, *(("box",) if box else ())]
+        decision = self.tuner.choose(key, {name: probe(name) for name in names}, images.shape[0], x.shape[0])
         self.last_kernel = decision.kernel
-        return self.tiled_step(x, a, scale, size, images, layouts[decision.kernel])
+        return run(decision.kernel, x, images.shape[0])()
+
+    def box_step(self, x: torch.Tensor, a: float, scale: float, size: int, count: int) -> torch.Tensor:
+        """x̂0 [B, C, H, W] float64 over the first ``count`` images by the native kernel's box sums
+        (float64 distances from the stored float32 images: exact in every step; O(C·H·W) per
+        image and sample, against the tiles' GEMMs of p² per window)."""
+        h, w = self.images.shape[2:]
+        return self._native.pspc_box_step(x.double().contiguous(), self.images[:count], (min(size, h), min(size, w)),
+                                          a, scale, WEIGHT_FLOOR_LOG * LOG2_E)
 
     def tiled_step(self, x: torch.Tensor, a: float, scale: float, size: int, images: torch.Tensor,
                    run: int) -> torch.Tensor:

@@ -41,7 +41,8 @@ class OnlineSoftmaxAverage:
     With ``native`` (:mod:`locality.models.native`, where it was measured faster), float32
     updates on the CPU run the fused C kernel: the same arithmetic in two passes over each row
     (the logits are then left as they were); the state is the same, so both paths may serve
-    one accumulator.
+    one accumulator. With more values per row than the fused sums take (pspc's rectangles), the
+    C kernel forms only the weights, in place, and torch's GEMMs the weighted sums.
     """
 
     def __init__(self, base2: bool = False, weights_dtype: torch.dtype | None = None,
@@ -73,6 +74,9 @@ class OnlineSoftmaxAverage:
                 # [1, V, K]: the candidates contiguous, one set of values for every row
                 self._native_update(logits.shape[0], 1, logits.shape[1], vals.T.to(torch.float32).contiguous()
                                     .unsqueeze(0), logits=logits)
+                return
+            if vals.shape[1] > self.native.max_values:
+                self._native_weights_update(logits, vals)
                 return
         new_max = logits.amax(dim=1).double()  # [B]
         if self.max is not None:
@@ -174,6 +178,20 @@ class OnlineSoftmaxAverage:
         self.native.direct_update((self.max, self.norm, self.acc), first, groups, batch, candidates.shape[1],
                                   queries, candidates, values, a, scale, self._to_base2(),
                                   WEIGHT_FLOOR_LOG * LOG2_E, csr)
+
+    def _native_weights_update(self, logits: torch.Tensor, values: torch.Tensor) -> None:
+        """:meth:`update` for more values than the fused sums take: the C kernel turns the
+        logits [B, K] into weights (and keeps the maximum and normaliser), the weighted sums are
+        GEMMs over blocks of ``SUM_BLOCK`` candidates added in float64, as on the torch path."""
+        first = self._native_state(1, logits.shape[0], values.shape[1])
+        rescale = self.native.weights_update((self.max, self.norm), first, logits, logits.shape[1],
+                                             self._to_base2(), WEIGHT_FLOOR_LOG * LOG2_E)
+        vals = values.to(logits.dtype)
+        chunk = blocked_sum(lambda s, e: logits[:, s:e] @ vals[s:e], logits.shape[1])  # [B, V] float64
+        if first:
+            self.acc.copy_(chunk)
+        else:
+            self.acc.mul_(rescale.unsqueeze(1)).add_(chunk)
 
     def _native_takes(self, logits: torch.Tensor) -> bool:
         return self.native is not None and logits.dtype == torch.float32 and logits.device.type == "cpu"

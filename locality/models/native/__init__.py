@@ -1,9 +1,11 @@
 """The fused online softmax in C (``online_softmax.c``), compiled on first use by the machine's
-own C compiler and loaded with ctypes. Two entry points: :meth:`NativeSoftmax.update` folds
+own C compiler and loaded with ctypes. Entry points: :meth:`NativeSoftmax.update` folds
 given float32 logits, or int8 kernels' digit sums, into an online softmax state;
 :meth:`NativeSoftmax.direct_update` forms float64 logits of direct differences itself (the
 low-noise steps: pca_locality's sparse step, els' and pspc's float64 steps), so no logits are
-ever written to memory.
+ever written to memory; :meth:`NativeSoftmax.weights_update` only turns logits into weights (rows
+with more values than the fused sums take: torch's GEMMs sum them); :meth:`NativeSoftmax.pspc_box_step`
+is a whole pspc step by box sums (see its C comment).
 
 Why: with the GEMMs of pca_locality's int8 kernels down to their hardware rate, most of a step
 was torch's element-wise passes over the [n, B, K] logits: combine the digits' int32 sums
@@ -69,6 +71,14 @@ class NativeSoftmax:
                            ptr, ptr, ptr, f32, f32, ctypes.c_int, ctypes.c_int]
         direct.restype = ctypes.c_int
         self._direct = direct
+        weights = self._lib.softmax_weights_update
+        weights.argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr, f32, f32, ctypes.c_int, ctypes.c_int]
+        weights.restype = ctypes.c_int
+        self._weights = weights
+        box = self._lib.pspc_box_step
+        box.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, i64, i64, f64, f64, ptr, f32, ctypes.c_int]
+        box.restype = ctypes.c_int
+        self._box = box
         self.max_values = int(self._lib.online_softmax_max_values())
 
     def update(self, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor], first: bool, groups: int, batch: int,
@@ -120,6 +130,50 @@ class NativeSoftmax:
                           torch.get_num_threads())
         _raise_on(status, "native softmax")
 
+
+    def weights_update(self, max_norm: tuple[torch.Tensor, torch.Tensor], first: bool, logits: torch.Tensor,
+                       count: int, to_base2: float, floor_log2: float) -> torch.Tensor:
+        """The weights of one chunk, for rows with more values than the fused sums take:
+        ``logits`` float32 [R, ≥count] (rows at any stride, candidates contiguous) become the
+        weights 2^((l - max)·to_base2) (at least 2^-floor_log2) relative to the new running max;
+        ``max_norm`` = (max [R], norm [R]) float64 contiguous are updated in place. Returns
+        rescale [R] float64: the factor for the caller's running weighted sums before it adds
+        the chunk's (0 on the first chunk)."""
+        mx, norm = max_norm
+        rows = logits.shape[0]
+        for name, t in (("max", mx), ("norm", norm)):
+            if t.dtype != torch.float64 or not t.is_contiguous() or t.device.type != "cpu" or t.numel() != rows:
+                raise ValueError(f"native softmax weights: the {name} state must be contiguous float64 [{rows}] "
+                                 "on the CPU")
+        _check_rows(logits, torch.float32, count, "logits")
+        rescale = torch.empty(rows, dtype=torch.float64)
+        status = self._weights(rows, count, logits.data_ptr(), logits.stride(0), mx.data_ptr(), norm.data_ptr(),
+                               rescale.data_ptr(), to_base2, floor_log2, int(first), torch.get_num_threads())
+        _raise_on(status, "native softmax weights")
+        return rescale
+
+    def pspc_box_step(self, x: torch.Tensor, images: torch.Tensor, patch: tuple[int, int], a: float, scale: float,
+                      floor_log2: float) -> torch.Tensor:
+        """pspc's x̂0 [B, C, H, W] float64 by box sums (the C kernel's comment): ``x`` float64
+        [B, C, H, W], ``images`` float32 [N, C, H, W] (both contiguous on the CPU), windows of
+        ``patch`` = (ph, pw) ≤ (H, W), logits -scale·‖x[R] - a·y[R]‖² in natural units."""
+        import math
+
+        if x.dtype != torch.float64 or images.dtype != torch.float32 or x.device.type != "cpu" \
+                or images.device.type != "cpu" or x.dim() != 4 or images.dim() != 4 \
+                or x.shape[1:] != images.shape[1:] or not x.is_contiguous() or not images.is_contiguous():
+            raise ValueError(f"native pspc step: x must be float64 [B, C, H, W] and images float32 [N, C, H, W], "
+                             f"contiguous on the CPU, got {x.dtype} {tuple(x.shape)} and {images.dtype} "
+                             f"{tuple(images.shape)}")
+        batch, channels, h, w = x.shape
+        ph, pw = patch
+        if not (1 <= ph <= h and 1 <= pw <= w) or images.shape[0] < 1:
+            raise ValueError(f"native pspc step: a {ph}x{pw} window does not fit {h}x{w} images, or no images")
+        out = torch.empty(x.shape, dtype=torch.float64)
+        status = self._box(batch, channels, h, w, images.shape[0], x.data_ptr(), images.data_ptr(), ph, pw, a,
+                           scale / math.log(2), out.data_ptr(), floor_log2, torch.get_num_threads())
+        _raise_on(status, "native pspc step")
+        return out
 
     def direct_update(self, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor], first: bool, groups: int,
                       batch: int, count: int, queries: torch.Tensor, candidates: torch.Tensor, values: torch.Tensor,

@@ -175,6 +175,46 @@ int online_softmax_update(int64_t G, int64_t B, int64_t K,
     return failed ? -1 : 0;
 }
 
+/* The weights alone, for rows whose values are too many for the sums above (V > MAX_VALUES:
+ * pspc's rectangles): float32 logits l[r*ldl + k] are overwritten with their weights
+ * 2^((l - shift)*to_base2) (at least 2^-floor_log2), shift the new running maximum (a float, as in
+ * online_softmax_update); the normaliser and maximum are updated, and rescale[r] is the factor
+ * 2^((old max - shift)*to_base2) by which the caller multiplies its weighted sums before adding
+ * the chunk's (weights @ values, summed over the same blocks of SUM_BLOCK); 0 on the first chunk. */
+int softmax_weights_update(int64_t R, int64_t K, float *logits, int64_t ldl, double *mx, double *nrm,
+                           double *rescale, float to_base2, float floor_log2, int first, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < R; r++) {
+        float *restrict l = logits + r * ldl;
+        float m = -INFINITY;
+        #pragma omp simd reduction(max:m)
+        for (int64_t k = 0; k < K; k++) m = l[k] > m ? l[k] : m;
+        float shift = (float)(first ? (double)m : fmax(mx[r], (double)m));
+        double dn = 0.0;
+        for (int64_t k0 = 0; k0 < K; k0 += SUM_BLOCK) {
+            int64_t k1 = k0 + SUM_BLOCK < K ? k0 + SUM_BLOCK : K;
+            float sn = 0.0f;
+            #pragma omp simd reduction(+:sn)
+            for (int64_t k = k0; k < k1; k++) {
+                float x = (l[k] - shift) * to_base2;
+                float w = exp2_nonpositive(x < -floor_log2 ? -floor_log2 : x);
+                l[k] = w;
+                sn += w;
+            }
+            dn += sn;
+        }
+        if (first) {
+            rescale[r] = 0.0;
+            nrm[r] = dn;
+        } else {
+            rescale[r] = exp2((mx[r] - (double)shift) * to_base2);
+            nrm[r] = nrm[r] * rescale[r] + dn;
+        }
+        mx[r] = (double)shift;
+    }
+    return 0;
+}
+
 /* Softmax averages over logits of direct differences, in float64 (no cancellation: the
  * low-noise steps, where 1/(2(1-abar)) reaches 5000):
  *   l[k] = -scale * sum_i (x[g*sxg + b*sxb + i] - a*y[i*ldy + k])^2
@@ -273,5 +313,214 @@ int direct_softmax_update(int64_t G, int64_t B, int64_t K, const double *x, int6
         }
         free(buf);
     }
+    return failed ? -1 : 0;
+}
+
+/* pspc's step (SPEC: windows of ph x pw anchored at (r, c), 0 <= r <= H-ph, 0 <= c <= W-pw; for
+ * window R, m_R = sum_k w_k(R) y_k[R], w = softmax_k(-|x[R] - a y_k[R]|^2 / (2 s^2)); x0[i, j] =
+ * the mean of m_R[i, j] over the windows R containing (i, j)), by box sums instead of GEMMs:
+ *   D_k(R) = box sum over R of d_k[i, j] = sum_c (x[c, i, j] - a y_k[c, i, j])^2   (float64 direct
+ *            differences: no cancellation at the low-noise steps),
+ *   x0[c, i, j] = (1 / count(i, j)) sum_k y_k[c, i, j] sum_{R containing (i, j)} w_k(R),
+ * the inner sum a box sum of the normalised weights over the anchors. Two passes over the
+ * images per sample: the first keeps each window's running maximum and normaliser, the second
+ * sums the normalised weights. O(C*H*W) work per image and sample, against the GEMMs' p^2 per
+ * window. Images are taken in blocks of LANES, transposed so that every loop runs over them
+ * (vectorised); samples run in parallel. logit = -scale2 * D (scale2 = log2(e) / (2 s^2): base 2);
+ * weights 2^(l - max), at least 2^-floor_log2, as in the kernels above. Returns 0, -1 without
+ * memory, -2 for bad sizes. */
+#define LANES 32
+
+/* the row sums hs[i][c] = sum over j in [c, c + pw) of d[i][j], d[i][j] = sum_ch (x - a y)^2, for
+ * every lane (image) of the block: one row of d at a time, in a buffer that stays in L1 */
+static void box_row_sums(int64_t C, int64_t H, int64_t W, int64_t pw, const double *xb, const double *yt,
+                         double a, double *drow, double *hs) {
+    int64_t HW = H * W, nc = W - pw + 1;
+    for (int64_t i = 0; i < H; i++) {
+        for (int64_t j = 0; j < W; j++) {
+            double *restrict dd = drow + j * LANES;
+            #pragma omp simd
+            for (int64_t kk = 0; kk < LANES; kk++) dd[kk] = 0.0;
+            for (int64_t c = 0; c < C; c++) {
+                const double *restrict yy = yt + (c * HW + i * W + j) * LANES;
+                double xv = xb[c * HW + i * W + j];
+                #pragma omp simd
+                for (int64_t kk = 0; kk < LANES; kk++) { double e = xv - a * yy[kk]; dd[kk] += e * e; }
+            }
+        }
+        double s[LANES];
+        for (int64_t kk = 0; kk < LANES; kk++) s[kk] = 0.0;
+        for (int64_t j = 0; j < pw; j++) {
+            #pragma omp simd
+            for (int64_t kk = 0; kk < LANES; kk++) s[kk] += drow[j * LANES + kk];
+        }
+        for (int64_t c = 0; c < nc; c++) {
+            if (c > 0) {
+                const double *restrict in = drow + (c + pw - 1) * LANES, *restrict out = drow + (c - 1) * LANES;
+                #pragma omp simd
+                for (int64_t kk = 0; kk < LANES; kk++) s[kk] += in[kk] - out[kk];
+            }
+            double *restrict h = hs + (i * nc + c) * LANES;
+            #pragma omp simd
+            for (int64_t kk = 0; kk < LANES; kk++) h[kk] = s[kk];
+        }
+    }
+}
+
+/* column c's window logits l[r] = -scale2 * (sum of hs[i][c] over i in [r, r + ph)), r < nr */
+static void box_column_logits(int64_t H, int64_t nc, int64_t ph, int64_t c, const double *hs, double scale2,
+                              double *l) {
+    int64_t nr = H - ph + 1;
+    double s[LANES];
+    for (int64_t kk = 0; kk < LANES; kk++) s[kk] = 0.0;
+    for (int64_t i = 0; i < ph; i++) {
+        const double *restrict h = hs + (i * nc + c) * LANES;
+        #pragma omp simd
+        for (int64_t kk = 0; kk < LANES; kk++) s[kk] += h[kk];
+    }
+    for (int64_t r = 0; r < nr; r++) {
+        if (r > 0) {
+            const double *restrict in = hs + ((r + ph - 1) * nc + c) * LANES, *restrict out = hs + ((r - 1) * nc + c) * LANES;
+            #pragma omp simd
+            for (int64_t kk = 0; kk < LANES; kk++) s[kk] += in[kk] - out[kk];
+        }
+        double *restrict lr = l + r * LANES;
+        #pragma omp simd
+        for (int64_t kk = 0; kk < LANES; kk++) lr[kk] = -scale2 * s[kk];
+    }
+}
+
+int pspc_box_step(int64_t B, int64_t C, int64_t H, int64_t W, int64_t N, const double *x, const float *y,
+                  int64_t ph, int64_t pw, double a, double scale2, double *out, float floor_log2, int threads) {
+    if (B < 1 || C < 1 || H < 1 || W < 1 || N < 1 || ph < 1 || pw < 1 || ph > H || pw > W) return -2;
+    int64_t HW = H * W, CHW = C * HW, nr = H - ph + 1, nc = W - pw + 1, nw = nr * nc;
+    /* shared: the block of images transposed (images last), and per sample the windows' running
+     * maxima and normalisers and the weighted sums, lane by lane */
+    double *yt = malloc(sizeof(double) * CHW * LANES), *mx = malloc(sizeof(double) * B * nw);
+    double *z = malloc(sizeof(double) * B * nw), *acc = calloc((size_t)(B * CHW * LANES), sizeof(double));
+    int failed = !yt || !mx || !z || !acc;
+    if (!failed) for (int64_t q = 0; q < B * nw; q++) { mx[q] = -INFINITY; z[q] = 0.0; }
+    #pragma omp parallel num_threads(threads) if (!failed)
+    {
+        /* per thread: one row of distances, the row sums (then the weights spread down the
+         * columns), one column's logits (then weights) */
+        double *drow = malloc(sizeof(double) * W * LANES), *hs = malloc(sizeof(double) * H * nc * LANES);
+        double *l = malloc(sizeof(double) * nr * LANES);
+        int mine = !drow || !hs || !l;
+        if (mine) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        for (int pass = 0; pass < 2; pass++) {
+            for (int64_t k0 = 0; k0 < N; k0 += LANES) {
+                int64_t kb = N - k0 < LANES ? N - k0 : LANES;
+                /* missing lanes repeat the last image; their weights are never used */
+                #pragma omp for schedule(static)
+                for (int64_t q = 0; q < CHW; q++)
+                    for (int64_t kk = 0; kk < LANES; kk++) yt[q * LANES + kk] = (double)y[(k0 + (kk < kb ? kk : kb - 1)) * CHW + q];
+                #pragma omp for schedule(static)
+                for (int64_t b = 0; b < B; b++) {
+                    if (mine) continue;
+                    double *bmx = mx + b * nw, *bz = z + b * nw;
+                    box_row_sums(C, H, W, pw, x + b * CHW, yt, a, drow, hs);
+                    for (int64_t c = 0; c < nc; c++) {
+                        box_column_logits(H, nc, ph, c, hs, scale2, l);
+                        for (int64_t r = 0; r < nr; r++) {
+                            double *restrict lr = l + r * LANES;
+                            int64_t w = r * nc + c;
+                            if (pass == 0) {  /* the window's running maximum and normaliser */
+                                double m = -INFINITY;
+                                #pragma omp simd reduction(max:m)
+                                for (int64_t kk = 0; kk < kb; kk++) m = lr[kk] > m ? lr[kk] : m;
+                                if (m > bmx[w]) {
+                                    if (bz[w] > 0.0) bz[w] *= exp2(bmx[w] - m);
+                                    bmx[w] = m;
+                                }
+                                double ref = bmx[w];
+                                float sn = 0.0f;
+                                #pragma omp simd reduction(+:sn)
+                                for (int64_t kk = 0; kk < kb; kk++) {
+                                    float e = (float)(lr[kk] - ref);
+                                    sn += exp2_nonpositive(e < -floor_log2 ? -floor_log2 : e);
+                                }
+                                bz[w] += sn;
+                            } else {  /* its normalised weights */
+                                double ref = bmx[w], inv = 1.0 / bz[w];
+                                #pragma omp simd
+                                for (int64_t kk = 0; kk < LANES; kk++) {
+                                    float e = (float)(lr[kk] - ref);
+                                    double wk = (double)exp2_nonpositive(e < -floor_log2 ? -floor_log2 : e) * inv;
+                                    lr[kk] = kk < kb ? wk : 0.0;
+                                }
+                            }
+                        }
+                        if (pass == 0) continue;
+                        /* the weights spread down column c: row i gets the anchors r in
+                         * [i - ph + 1, i] (into hs, whose column c is read) */
+                        double s[LANES];
+                        for (int64_t kk = 0; kk < LANES; kk++) s[kk] = 0.0;
+                        for (int64_t i = 0; i < H; i++) {
+                            if (i < nr) {
+                                const double *restrict in = l + i * LANES;
+                                #pragma omp simd
+                                for (int64_t kk = 0; kk < LANES; kk++) s[kk] += in[kk];
+                            }
+                            if (i - ph >= 0) {
+                                const double *restrict o = l + (i - ph) * LANES;
+                                #pragma omp simd
+                                for (int64_t kk = 0; kk < LANES; kk++) s[kk] -= o[kk];
+                            }
+                            double *restrict h = hs + (i * nc + c) * LANES;
+                            #pragma omp simd
+                            for (int64_t kk = 0; kk < LANES; kk++) h[kk] = s[kk];
+                        }
+                    }
+                    if (pass == 0) continue;
+                    /* along each row: column j gets the anchors c in [j - pw + 1, j]; then the
+                     * weighted values, lane by lane */
+                    double *bacc = acc + b * CHW * LANES;
+                    for (int64_t i = 0; i < H; i++) {
+                        double s[LANES];
+                        for (int64_t kk = 0; kk < LANES; kk++) s[kk] = 0.0;
+                        for (int64_t j = 0; j < W; j++) {
+                            if (j < nc) {
+                                const double *restrict in = hs + (i * nc + j) * LANES;
+                                #pragma omp simd
+                                for (int64_t kk = 0; kk < LANES; kk++) s[kk] += in[kk];
+                            }
+                            if (j - pw >= 0) {
+                                const double *restrict o = hs + (i * nc + j - pw) * LANES;
+                                #pragma omp simd
+                                for (int64_t kk = 0; kk < LANES; kk++) s[kk] -= o[kk];
+                            }
+                            for (int64_t ch = 0; ch < C; ch++) {
+                                const double *restrict yy = yt + (ch * HW + i * W + j) * LANES;
+                                double *restrict aa = bacc + (ch * HW + i * W + j) * LANES;
+                                #pragma omp simd
+                                for (int64_t kk = 0; kk < LANES; kk++) aa[kk] += s[kk] * yy[kk];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        free(drow); free(hs); free(l);
+    }
+    if (!failed) {
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < H; i++) {
+                int64_t rows = (i < nr - 1 ? i : nr - 1) - (i - ph + 1 > 0 ? i - ph + 1 : 0) + 1;
+                for (int64_t j = 0; j < W; j++) {
+                    int64_t cols = (j < nc - 1 ? j : nc - 1) - (j - pw + 1 > 0 ? j - pw + 1 : 0) + 1;
+                    for (int64_t c = 0; c < C; c++) {
+                        const double *aa = acc + (b * CHW + c * HW + i * W + j) * LANES;
+                        double sum = 0.0;
+                        for (int64_t kk = 0; kk < LANES; kk++) sum += aa[kk];
+                        out[(b * C + c) * HW + i * W + j] = sum / (double)(rows * cols);
+                    }
+                }
+            }
+    }
+    free(yt); free(mx); free(z); free(acc);
     return failed ? -1 : 0;
 }
