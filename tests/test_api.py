@@ -6,6 +6,12 @@ import subprocess
 import sys
 
 
+def run_ok(code: str) -> None:
+    """Run ``code`` in a fresh interpreter; it must print ok."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
 def test_math_core_imports_without_hydra_mlflow_or_the_app_layer():
     code = (
         "import sys, locality\n"
@@ -22,8 +28,7 @@ def test_math_core_imports_without_hydra_mlflow_or_the_app_layer():
         "assert not bad, bad\n"
         "print('ok')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    run_ok(code)
 
 
 def test_api_lists_registries():
@@ -47,5 +52,4 @@ def test_a_run_at_the_stored_resolution_never_imports_torchvision():
         "assert 'torchvision' in sys.modules\n"
         "print('ok')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    run_ok(code)

@@ -35,6 +35,21 @@ static inline float exp2_nonpositive(float x) {
     return (1.0f + f * p) * s;
 }
 
+/* the weights 2^((buf[k] - shift) * to_base2) (at least 2^-floor_log2) of buf[k0, k1), in place;
+ * returns their float32 sum */
+static inline float weights_in_place(float *restrict buf, int64_t k0, int64_t k1, float shift, float to_base2,
+                                     float floor_log2) {
+    float sn = 0.0f;
+    #pragma omp simd reduction(+:sn)
+    for (int64_t k = k0; k < k1; k++) {
+        float x = (buf[k] - shift) * to_base2;
+        float w = exp2_nonpositive(x < -floor_log2 ? -floor_log2 : x);
+        buf[k] = w;
+        sn += w;
+    }
+    return sn;
+}
+
 /* row r's logits into buf; returns their maximum */
 static float row_logits(float *restrict buf, int64_t K, int64_t g, int64_t b, int64_t r,
                         const int32_t *sums, int64_t sg, int64_t sj, int64_t ls, int digits, const float *coef,
@@ -152,14 +167,7 @@ int online_softmax_update(int64_t G, int64_t B, int64_t K,
                     da[0] += sa;
                     continue;
                 }
-                #pragma omp simd reduction(+:sn)
-                for (int64_t k = k0; k < k1; k++) {
-                    float x = (buf[k] - shift) * to_base2;
-                    float w = exp2_nonpositive(x < -floor_log2 ? -floor_log2 : x);
-                    buf[k] = w;
-                    sn += w;
-                }
-                dn += sn;
+                dn += weights_in_place(buf, k0, k1, shift, to_base2, floor_log2);
                 for (int64_t c = 0; c < V; c++) {
                     const float *restrict v = val + g * svg + c * svc;
                     float sa = 0.0f;
@@ -193,15 +201,7 @@ int softmax_weights_update(int64_t R, int64_t K, float *logits, int64_t ldl, dou
         double dn = 0.0;
         for (int64_t k0 = 0; k0 < K; k0 += SUM_BLOCK) {
             int64_t k1 = k0 + SUM_BLOCK < K ? k0 + SUM_BLOCK : K;
-            float sn = 0.0f;
-            #pragma omp simd reduction(+:sn)
-            for (int64_t k = k0; k < k1; k++) {
-                float x = (l[k] - shift) * to_base2;
-                float w = exp2_nonpositive(x < -floor_log2 ? -floor_log2 : x);
-                l[k] = w;
-                sn += w;
-            }
-            dn += sn;
+            dn += weights_in_place(l, k0, k1, shift, to_base2, floor_log2);
         }
         if (first) {
             rescale[r] = 0.0;
