@@ -202,7 +202,7 @@ def fastest_int_mm_layout(codes: torch.Tensor, repeats: int = 5) -> str:
     the real width (1 024 rows, 1 024 images; a layout the build refuses is never taken). On
     the EPYC of the README both ran at the same speed (Fashion-MNIST, 4 096 images: 0.26 and
     0.31 ms for 24 rows, 6.0 and 5.9 ms for 784), so which one wins there is noise: ``view``
-    stays unless ``copy`` is more than 10 % faster (the copies hold three more int8 copies of
+    stays unless ``copy`` is more than 25 % faster (the copies hold three more int8 copies of
     the images, 141 MB on Fashion-MNIST)."""
     weights = codes[:1024]
     act = codes[: min(1024, len(codes))].repeat(max(1, -(-1024 // max(len(codes), 1))), 1)[:1024]
