@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from locality.models.memory import Workspace, chunk_rows, memory_budget
-from locality.models.pca_locality.int8 import Int8Images, Int8Kernel, int_mm_padded, fastest_accepted, to_digits
+from locality.models.pca_locality.int8 import (
+    Int8Images, Int8Kernel, fastest_accepted, int_mm_chunk, int_mm_padded, to_digits,
+)
 from locality.models.pca_locality.kernel import Precision, Step
 from locality.models.pca_locality.plan import MaskPlan
 from locality.models.pca_locality.selection import (
@@ -169,6 +171,7 @@ def gather_step(side: GatheredImages, values: torch.Tensor, plan: MaskPlan, x64:
         # where its GEMM reads it right after the gather wrote it
         mean_columns = max(1.0, sum(len(c) for c, _ in sets) / max(len(sets), 1))
         size = max(min(size, int(GATHER_OPERAND_CAP_BYTES / mean_columns)), min(count, 1024))
+    size = int_mm_chunk(size, chunk_size)
     # outputs per group: their int32 sums [act_rows, K], logits and converted sums [B, K]
     group_bytes = (4 * act_rows + 2 * item * batch) * size
     group = max(1, min(n, memory_budget(device, cpu_cap=GATHER_GROUP_CAP_BYTES) // group_bytes))
