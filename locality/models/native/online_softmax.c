@@ -331,6 +331,52 @@ int direct_softmax_update(int64_t G, int64_t B, int64_t K, const double *x, int6
  * memory, -2 for bad sizes. */
 #define LANES 32
 
+/* Sliding sums of p consecutive vectors of LANES, the one loop of every box sum below:
+ * out[o*os] = scale * (sum of in[i*is] over i in [o + first - p + 1, o + first], clipped to
+ * [0, n)), o < n_out. first = p - 1: the n - p + 1 sums of p neighbours (distances of windows);
+ * first = 0: the n + p - 1 sums spreading each input over the p outputs from it on (weights of
+ * the windows covering a pixel). Strides in doubles. */
+static inline void window_sums(const double *in, int64_t is, int64_t n, int64_t p, double *out, int64_t os,
+                        int64_t first, int64_t n_out, double scale) {
+    double s[LANES];
+    for (int64_t kk = 0; kk < LANES; kk++) s[kk] = 0.0;
+    for (int64_t i = 0; i < first && i < n; i++) {
+        const double *restrict v = in + i * is;
+        #pragma omp simd
+        for (int64_t kk = 0; kk < LANES; kk++) s[kk] += v[kk];
+    }
+    /* o gains in[o + first] while o < n - first and loses in[o + first - p] from o = p - first:
+     * three runs of o, each without a branch (gains only; both, or neither when p > n; losses) */
+    int64_t gain_end = n - first, loss_start = p - first;
+    int64_t b1 = gain_end < loss_start ? gain_end : loss_start, b2 = gain_end < loss_start ? loss_start : gain_end;
+    b1 = b1 < 0 ? 0 : (b1 > n_out ? n_out : b1);
+    b2 = b2 < b1 ? b1 : (b2 > n_out ? n_out : b2);
+    int both = gain_end > loss_start;
+    int64_t o = 0;
+    for (; o < b1; o++) {
+        const double *restrict v = in + (o + first) * is;
+        double *restrict w = out + o * os;
+        #pragma omp simd
+        for (int64_t kk = 0; kk < LANES; kk++) { s[kk] += v[kk]; w[kk] = scale * s[kk]; }
+    }
+    for (; o < b2; o++) {
+        double *restrict w = out + o * os;
+        if (both) {
+            const double *restrict v = in + (o + first) * is, *restrict u = in + (o + first - p) * is;
+            #pragma omp simd
+            for (int64_t kk = 0; kk < LANES; kk++) s[kk] += v[kk] - u[kk];
+        }
+        #pragma omp simd
+        for (int64_t kk = 0; kk < LANES; kk++) w[kk] = scale * s[kk];
+    }
+    for (; o < n_out; o++) {
+        const double *restrict u = in + (o + first - p) * is;
+        double *restrict w = out + o * os;
+        #pragma omp simd
+        for (int64_t kk = 0; kk < LANES; kk++) { s[kk] -= u[kk]; w[kk] = scale * s[kk]; }
+    }
+}
+
 /* the row sums hs[i][c] = sum over j in [c, c + pw) of d[i][j], d[i][j] = sum_ch (x - a y)^2, for
  * every lane (image) of the block: one row of d at a time, in a buffer that stays in L1 */
 static void box_row_sums(int64_t C, int64_t H, int64_t W, int64_t pw, const double *xb, const double *yt,
@@ -348,45 +394,7 @@ static void box_row_sums(int64_t C, int64_t H, int64_t W, int64_t pw, const doub
                 for (int64_t kk = 0; kk < LANES; kk++) { double e = xv - a * yy[kk]; dd[kk] += e * e; }
             }
         }
-        double s[LANES];
-        for (int64_t kk = 0; kk < LANES; kk++) s[kk] = 0.0;
-        for (int64_t j = 0; j < pw; j++) {
-            #pragma omp simd
-            for (int64_t kk = 0; kk < LANES; kk++) s[kk] += drow[j * LANES + kk];
-        }
-        for (int64_t c = 0; c < nc; c++) {
-            if (c > 0) {
-                const double *restrict in = drow + (c + pw - 1) * LANES, *restrict out = drow + (c - 1) * LANES;
-                #pragma omp simd
-                for (int64_t kk = 0; kk < LANES; kk++) s[kk] += in[kk] - out[kk];
-            }
-            double *restrict h = hs + (i * nc + c) * LANES;
-            #pragma omp simd
-            for (int64_t kk = 0; kk < LANES; kk++) h[kk] = s[kk];
-        }
-    }
-}
-
-/* column c's window logits l[r] = -scale2 * (sum of hs[i][c] over i in [r, r + ph)), r < nr */
-static void box_column_logits(int64_t H, int64_t nc, int64_t ph, int64_t c, const double *hs, double scale2,
-                              double *l) {
-    int64_t nr = H - ph + 1;
-    double s[LANES];
-    for (int64_t kk = 0; kk < LANES; kk++) s[kk] = 0.0;
-    for (int64_t i = 0; i < ph; i++) {
-        const double *restrict h = hs + (i * nc + c) * LANES;
-        #pragma omp simd
-        for (int64_t kk = 0; kk < LANES; kk++) s[kk] += h[kk];
-    }
-    for (int64_t r = 0; r < nr; r++) {
-        if (r > 0) {
-            const double *restrict in = hs + ((r + ph - 1) * nc + c) * LANES, *restrict out = hs + ((r - 1) * nc + c) * LANES;
-            #pragma omp simd
-            for (int64_t kk = 0; kk < LANES; kk++) s[kk] += in[kk] - out[kk];
-        }
-        double *restrict lr = l + r * LANES;
-        #pragma omp simd
-        for (int64_t kk = 0; kk < LANES; kk++) lr[kk] = -scale2 * s[kk];
+        window_sums(drow, LANES, W, pw, hs + i * nc * LANES, LANES, pw - 1, nc, 1.0);
     }
 }
 
@@ -424,7 +432,8 @@ int pspc_box_step(int64_t B, int64_t C, int64_t H, int64_t W, int64_t N, const d
                     double *bmx = mx + b * nw, *bz = z + b * nw;
                     box_row_sums(C, H, W, pw, x + b * CHW, yt, a, drow, hs);
                     for (int64_t c = 0; c < nc; c++) {
-                        box_column_logits(H, nc, ph, c, hs, scale2, l);
+                        /* column c's window logits l[r] = -scale2 * (sum of hs[i][c], i in [r, r + ph)) */
+                        window_sums(hs + c * LANES, nc * LANES, H, ph, l, LANES, ph - 1, nr, -scale2);
                         for (int64_t r = 0; r < nr; r++) {
                             double *restrict lr = l + r * LANES;
                             int64_t w = r * nc + c;
@@ -457,27 +466,12 @@ int pspc_box_step(int64_t B, int64_t C, int64_t H, int64_t W, int64_t N, const d
                         if (pass == 0) continue;
                         /* the weights spread down column c: row i gets the anchors r in
                          * [i - ph + 1, i] (into hs, whose column c is read) */
-                        double s[LANES];
-                        for (int64_t kk = 0; kk < LANES; kk++) s[kk] = 0.0;
-                        for (int64_t i = 0; i < H; i++) {
-                            if (i < nr) {
-                                const double *restrict in = l + i * LANES;
-                                #pragma omp simd
-                                for (int64_t kk = 0; kk < LANES; kk++) s[kk] += in[kk];
-                            }
-                            if (i - ph >= 0) {
-                                const double *restrict o = l + (i - ph) * LANES;
-                                #pragma omp simd
-                                for (int64_t kk = 0; kk < LANES; kk++) s[kk] -= o[kk];
-                            }
-                            double *restrict h = hs + (i * nc + c) * LANES;
-                            #pragma omp simd
-                            for (int64_t kk = 0; kk < LANES; kk++) h[kk] = s[kk];
-                        }
+                        window_sums(l, LANES, nr, ph, hs + c * LANES, nc * LANES, 0, H, 1.0);
                     }
                     if (pass == 0) continue;
-                    /* along each row: column j gets the anchors c in [j - pw + 1, j]; then the
-                     * weighted values, lane by lane */
+                    /* along each row: column j gets the anchors c in [j - pw + 1, j] (the same
+                     * sliding sums as window_sums, kept in registers: they go straight into the
+                     * weighted values, lane by lane; a pass through a buffer cost 7 % here) */
                     double *bacc = acc + b * CHW * LANES;
                     for (int64_t i = 0; i < H; i++) {
                         double s[LANES];
