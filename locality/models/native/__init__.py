@@ -29,6 +29,7 @@ import atexit
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -157,8 +158,6 @@ class NativeSoftmax:
         """pspc's x̂0 [B, C, H, W] float64 by box sums (the C kernel's comment): ``x`` float64
         [B, C, H, W], ``images`` float32 [N, C, H, W] (both contiguous on the CPU), windows of
         ``patch`` = (ph, pw) ≤ (H, W), logits -scale·‖x[R] - a·y[R]‖² in natural units."""
-        import math
-
         if x.dtype != torch.float64 or images.dtype != torch.float32 or x.device.type != "cpu" \
                 or images.device.type != "cpu" or x.dim() != 4 or images.dim() != 4 \
                 or x.shape[1:] != images.shape[1:] or not x.is_contiguous() or not images.is_contiguous():
