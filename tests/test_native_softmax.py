@@ -253,6 +253,31 @@ def test_sparse_step_matches_float64(native):
         assert (acc.result() - want).abs().max() < 1e-5, lib
 
 
+def test_a_direct_bias_of_log2_m_counts_a_candidate_m_times(native):
+    """The direct kernel's per-candidate bias (els' merged duplicate windows): a candidate with
+    bias log2(m) weighs what m copies of it do, over chunks, against float64."""
+    g = torch.Generator().manual_seed(5)
+    batch, dim, total, a, scale = 4, 9, 900, 0.98, 300.0
+    x = torch.rand(batch, dim, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.rand(dim, total, generator=g, dtype=torch.float64) * 2 - 1
+    counts = torch.randint(1, 2000, (total,), generator=g)
+    values = torch.rand(2, total, generator=g, dtype=torch.float64)
+    logits = -scale * (x.unsqueeze(2) - a * y.unsqueeze(0)).square().sum(1) + counts.double().log()  # [B, K]
+    want = (torch.softmax(logits, dim=1).unsqueeze(1) * values.unsqueeze(0)).sum(2)  # [B, 2]
+    acc = OnlineSoftmaxAverage(base2=True, native=native)  # base-2 logits and bias, as els' search
+    bias = counts.double().log2()
+    for s, e in chunked(total, 256):
+        acc.update_direct(x.unsqueeze(0), y[:, s:e].contiguous(), values[:, s:e].contiguous().unsqueeze(0), a,
+                          scale * LOG2_E, bias=bias[s:e].contiguous())
+    assert (acc.result() - want).abs().max() < 1e-5
+    without = OnlineSoftmaxAverage(native=native)
+    without.update_direct(x.unsqueeze(0), y, values.unsqueeze(0), a, scale)
+    assert (without.result() - want).abs().max() > 1e-3  # the bias is not a no-op
+    with pytest.raises(ValueError, match="bias"):
+        OnlineSoftmaxAverage(native=native).update_direct(x.unsqueeze(0), y, values.unsqueeze(0), a, scale,
+                                                          bias=bias[:10].contiguous())
+
+
 class _Prefers(KernelTuner):
     def __init__(self, names: set[str]) -> None:
         super().__init__("cpu")

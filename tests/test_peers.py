@@ -58,6 +58,109 @@ def test_els_through_the_native_softmax_matches_brute_force(variant, k, t):
         assert model.last_dtype == torch.float64  # the direct-difference path ran
 
 
+def background_data(num: int = 40, shape=(1, 10, 9), seed: int = 3):
+    """8-bit images of a flat background (-1) with one random 3×3 blob each: most windows are
+    exact duplicates (the background), as in Fashion-MNIST."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.full((num, *shape), -1.0, dtype=torch.float64)
+    for n in range(num):
+        i, j = (int(torch.randint(0, s - 2, (1,), generator=g)) for s in shape[1:])
+        y[n, :, i : i + 3, j : j + 3] = torch.randint(0, 256, (shape[0], 3, 3), generator=g).double() / 127.5 - 1
+    return y, torch.randn(4, *shape, generator=g, dtype=torch.float64)
+
+
+def test_merged_windows_merges_identical_windows_only_and_orders_by_norm():
+    from locality.models.patch_kernels import merged_windows
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(-3, 4, (6, 4), generator=g).double()
+    base[1] = base[0].flip(0)  # same norm, different window: never merged
+    reps = torch.tensor([1, 5, 2, 1, 7, 3])
+    windows = base.repeat_interleave(reps, dim=0)
+    values = windows[:, :1] * 10
+    perm = torch.randperm(len(windows), generator=g)
+    merged = merged_windows(windows[perm], values[perm])
+    assert merged.norms.numel() == len(torch.unique(base, dim=0))
+    assert bool((merged.norms[1:] >= merged.norms[:-1]).all())
+    for w, v, c in zip(merged.windows_t.T, merged.values_t.T, merged.log2_count):
+        same = (windows == w).all(1)
+        assert float(2 ** c) == pytest.approx(float(same.sum()))
+        assert torch.equal(v, values[same][0])
+        assert torch.equal(w.square().sum().sqrt(), merged.norms[(merged.windows_t.T == w).all(1)][0])
+
+
+@pytest.mark.parametrize("variant", ["borders", "circular"])
+@pytest.mark.parametrize("t", [0, 5])
+def test_els_low_noise_search_merges_and_skips_windows_and_matches_brute_force(variant, t, monkeypatch):
+    """float64 steps of els' sliding windows merge identical windows and skip those the norm
+    bound excludes (patch_kernels._sliding_direct): the result stays the brute force's, and
+    chunks of images (merged and searched apart) change nothing beyond rounding."""
+    from locality.models import patch_kernels
+    from synthetic import PreferKernel
+
+    y, noise = background_data()
+    blend = 0.5 * (y[:2] + y[2:4])  # samples between images: the nearest window is not exact
+    x = torch.cat([noised(y[:2], noise[:2], t), noised(blend, noise[2:], t)])
+    want = els_oracle(x, y, t, 3, variant)
+    pairs = {"taken": 0, "offered": 0, "merged": 0, "windows": 0}
+    merge, take, run = patch_kernels.merged_windows, patch_kernels._BlockSearch._take, patch_kernels._BlockSearch.run
+
+    def counting_merge(w, v):
+        out = merge(w, v)
+        pairs["merged"] += out.norms.numel()
+        pairs["windows"] += len(w)
+        return out
+
+    def counting_take(self, cands, i0, i1):
+        pairs["taken"] += max(0, i1 - i0) * self.rows.shape[1]
+        return take(self, cands, i0, i1)
+
+    def counting_run(self, cands):
+        pairs["offered"] += cands.norms.numel() * self.rows.shape[1]
+        return run(self, cands)
+
+    monkeypatch.setattr(patch_kernels, "merged_windows", counting_merge)
+    monkeypatch.setattr(patch_kernels._BlockSearch, "_take", counting_take)
+    monkeypatch.setattr(patch_kernels._BlockSearch, "run", counting_run)
+    monkeypatch.setattr(patch_kernels, "SEARCH_SLICE", 16)  # small steps: the bound can act on small data
+    outs = []
+    for chunk in (None, 7):
+        model = build_model("els", y, None, patch_sizes=3, variant=variant, dtype=torch.float32, chunk_size=chunk,
+                            tuner=PreferKernel("native"))
+        outs.append(model(x, t).double())
+        assert model.last_dtype == torch.float64
+        torch.testing.assert_close(outs[-1], want, atol=2e-5, rtol=0)
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=0)
+    assert pairs["merged"] < pairs["windows"] / 2  # the background windows were merged
+    assert pairs["taken"] < 0.9 * pairs["offered"]  # pairs were skipped (54-70 % taken on this small data)
+
+
+@pytest.mark.parametrize("scale", [5000.0, 50.0, 2.0])
+def test_the_window_search_keeps_every_window_that_weighs(scale, monkeypatch):
+    """sliding_average's float64 path (merged windows, norm-bounded search in slices of 16)
+    against the plain float64 softmax over every window of a band, from peaked (1/(2σ²) = 5000)
+    to flat weights (2), where a search that skipped too much would be far off."""
+    import torch.nn.functional as F
+
+    from locality.models import patch_kernels
+    from locality.models.native import load_native_softmax
+
+    monkeypatch.setattr(patch_kernels, "SEARCH_SLICE", 16)
+    y, noise = background_data()
+    a = 0.9
+    band = patch_kernels.Band(0, 10, 0, 9, (3, 3), (1, 1))
+    x = a * 0.5 * (y[:3] + y[3:6]) + 0.05 * noise[:3]
+    queries = F.unfold(x, 3).transpose(1, 2).reshape(-1, 9).contiguous()  # [B·L, 9]
+    cands = F.unfold(y, 3).transpose(1, 2).reshape(-1, 9)  # [N·L, 9]
+    centres = y[:, :, 1:-1, 1:-1].reshape(-1, 1)
+    logits = -scale * (queries.unsqueeze(1) - a * cands.unsqueeze(0)).square().sum(2)
+    want = torch.softmax(logits, dim=1) @ centres
+    native = load_native_softmax(None)
+    assert native is not None
+    got = patch_kernels.sliding_average(queries, y, band, a, scale, None, native=native)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 # (on 13 columns p = 7 has only runs, which span the width)
 @pytest.mark.parametrize("mirror", [True, False])
 @pytest.mark.parametrize("p,path", [(p, path) for p in (1, 3, 4, 7) for path in ("runs", "rows", "box")

@@ -162,13 +162,15 @@ class OnlineSoftmaxAverage:
         self.update_pixel_major(logits_of(), y64)
 
     def update_direct(self, queries: torch.Tensor, candidates: torch.Tensor, values: torch.Tensor, a: float,
-                      scale: float, csr: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                      scale: float, csr: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      bias: torch.Tensor | None = None) -> None:
         """One chunk of logits -scale·Σ_i (q_i - a·c_i)² (in the accumulator's units), formed by
         the native kernel from float64 direct differences (no cancellation: the low-noise steps)
         over every input i, or with ``csr`` = (indptr [G + 1], indices) over the inputs of group
         g: queries [1 or G, B, n], candidates [n, K], values [1 or G, V, K] (candidates
         contiguous; a first dimension of 1 serves every group). Rows are (g, b) as in
-        :meth:`_native_state`. Native only: the logits differ from the expanded form's by a
+        :meth:`_native_state`. ``bias`` [≥K] float64 is added to the candidates' logits (in the
+        accumulator's units). Native only: the logits differ from the expanded form's by a
         per-row constant, so one accumulator takes one form throughout."""
         if self.native is None:
             raise ValueError("update_direct needs the native kernel")
@@ -177,7 +179,7 @@ class OnlineSoftmaxAverage:
         first = self._native_state(groups, batch, values.shape[1])
         self.native.direct_update((self.max, self.norm, self.acc), first, groups, batch, candidates.shape[1],
                                   queries, candidates, values, a, scale, self._to_base2(),
-                                  WEIGHT_FLOOR_LOG * LOG2_E, csr)
+                                  WEIGHT_FLOOR_LOG * LOG2_E, csr, bias)
 
     def _native_weights_update(self, logits: torch.Tensor, values: torch.Tensor) -> None:
         """:meth:`update` for more values than the fused sums take: the C kernel turns the

@@ -68,7 +68,7 @@ class NativeSoftmax:
         self._fn = fn
         direct = self._lib.direct_softmax_update
         f64, f32 = ctypes.c_double, ctypes.c_float
-        direct.argtypes = [i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64, f64, f64, ptr, i64, i64, i64,
+        direct.argtypes = [i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i64, f64, f64, ptr, ptr, i64, i64, i64,
                            ptr, ptr, ptr, f32, f32, ctypes.c_int, ctypes.c_int]
         direct.restype = ctypes.c_int
         self._direct = direct
@@ -177,13 +177,14 @@ class NativeSoftmax:
     def direct_update(self, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor], first: bool, groups: int,
                       batch: int, count: int, queries: torch.Tensor, candidates: torch.Tensor, values: torch.Tensor,
                       a: float, scale: float, to_base2: float, floor_log2: float,
-                      csr: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                      csr: tuple[torch.Tensor, torch.Tensor] | None = None, bias: torch.Tensor | None = None) -> None:
         """Fold one chunk of ``count`` candidates into ``state`` = (max [R], norm [R], acc [R, V])
         float64 contiguous, R = groups·batch, with logits of direct differences in float64:
         -scale·Σ_i (queries[g, b, i] - a·candidates[i, k])² over every i, or with ``csr`` =
         (indptr [groups + 1], indices) int64 over the inputs of row g. ``queries`` float64
         [groups or 1, batch, n] (last dimension contiguous), ``candidates`` float64 [n, ≥count]
-        (candidates contiguous), ``values`` float64 [groups or 1, V, ≥count]. Weights are
+        (candidates contiguous), ``values`` float64 [groups or 1, V, ≥count]; ``bias`` float64
+        [≥count] (contiguous) is added to the candidates' logits. Weights are
         2^((l - max)·to_base2), at least 2^-floor_log2."""
         mx, norm, acc = state
         rows, v = groups * batch, values.shape[1]
@@ -197,6 +198,10 @@ class NativeSoftmax:
         _check_rows(values, torch.float64, count, "values")
         if values.shape[0] not in (1, groups):
             raise ValueError(f"native direct softmax: values has {values.shape[0]} groups, expected 1 or {groups}")
+        if bias is not None and (bias.dim() != 1 or bias.shape[0] < count):
+            raise ValueError(f"native direct softmax: bias must be float64 [≥{count}], got {tuple(bias.shape)}")
+        if bias is not None:
+            _check_rows(bias, torch.float64, count, "bias")
         indptr = indices = None
         if csr is not None:
             indptr, indices = csr
@@ -210,7 +215,7 @@ class NativeSoftmax:
                               candidates.data_ptr(), candidates.stride(0),
                               indptr.data_ptr() if indptr is not None else None,
                               indices.data_ptr() if indices is not None else None, n, a, scale,
-                              values.data_ptr(), values.stride(0) if values.shape[0] > 1 else 0, values.stride(1), v,
+                              bias.data_ptr() if bias is not None else None, values.data_ptr(), values.stride(0) if values.shape[0] > 1 else 0, values.stride(1), v,
                               mx.data_ptr(), norm.data_ptr(), acc.data_ptr(), to_base2, floor_log2, int(first),
                               torch.get_num_threads())
         _raise_on(status, "native direct softmax")

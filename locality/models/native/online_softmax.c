@@ -223,10 +223,12 @@ int softmax_weights_update(int64_t R, int64_t K, float *logits, int64_t ldl, dou
  * val[g*svg + c*svc + k] (float64), c < V. The weights are 2^((l - max)*to_base2): the difference
  * is taken in float64, then rounded to float32 for the exp2 polynomial (relative error below
  * 87 * 2^-24 + 2e-7 < 6e-6 of a weight; its effect on the average is below that times max|y|).
- * State as for online_softmax_update. */
+ * bias (NULL or float64 [>= K]) is added to each candidate's logit: log2 of how many identical
+ * windows one candidate stands for (els' merged duplicates). State as for online_softmax_update. */
 int direct_softmax_update(int64_t G, int64_t B, int64_t K, const double *x, int64_t sxg, int64_t sxb,
                           const double *y, int64_t ldy, const int64_t *indptr, const int64_t *indices,
-                          int64_t ndim, double a, double scale, const double *val, int64_t svg, int64_t svc,
+                          int64_t ndim, double a, double scale, const double *bias, const double *val,
+                          int64_t svg, int64_t svc,
                           int64_t V, double *mx, double *nrm, double *acc, float to_base2, float floor_log2,
                           int first, int threads) {
     int failed = 0;
@@ -268,10 +270,19 @@ int direct_softmax_update(int64_t G, int64_t B, int64_t K, const double *x, int6
                 }
             }
             double m = -INFINITY;
-            #pragma omp simd reduction(max:m)
-            for (int64_t k = 0; k < K; k++) {
-                buf[k] *= -scale;
-                m = buf[k] > m ? buf[k] : m;
+            if (bias) {
+                const double *restrict bk = bias;
+                #pragma omp simd reduction(max:m)
+                for (int64_t k = 0; k < K; k++) {
+                    buf[k] = bk[k] - scale * buf[k];
+                    m = buf[k] > m ? buf[k] : m;
+                }
+            } else {
+                #pragma omp simd reduction(max:m)
+                for (int64_t k = 0; k < K; k++) {
+                    buf[k] *= -scale;
+                    m = buf[k] > m ? buf[k] : m;
+                }
             }
             double ref = first ? m : fmax(mx[r], m);
             double dn = 0.0, da[MAX_VALUES];
