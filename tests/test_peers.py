@@ -161,6 +161,44 @@ def test_the_window_search_keeps_every_window_that_weighs(scale, monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("k", [3, 5, 7, 9])
+@pytest.mark.parametrize("layout", ["shifted", "windows"])
+def test_els_border_band_layouts_match_brute_force(k, layout):
+    """The border bands' two layouts (copied windows; queries shifted over the rectangle read in
+    place), each taken on purpose, with and without the fused softmax, against the brute force
+    (7 × 6 images with two channels: row bands read in place, column bands copied)."""
+    from synthetic import PreferKernel
+
+    y, noise = small_data()
+    x = noised(y[:3].flip(0), noise, 300)
+    want = els_oracle(x, y, 300, k, "borders")
+    for names in ((layout, "native"), (layout, "torch")):
+        model = build_model("els", y, None, patch_sizes=k, dtype=torch.float32, tuner=PreferKernel(*names))
+        torch.testing.assert_close(model(x, 300).double(), want, atol=1e-4, rtol=0)
+        assert model.last_dtype == torch.float32
+        assert model.last_kernel == (layout if model.plan(k)[0] else None)  # k = 9 ≥ H: same positions only
+
+
+def test_shifted_band_average_equals_the_copied_windows():
+    """shifted_band_average against sliding_average in float64 over every band of a plan
+    (channels, rectangles read in place and copied, one to several positions)."""
+    import torch.nn.functional as F
+
+    from locality.models import patch_kernels
+
+    y, noise = small_data()
+    model = build_model("els", y, None, patch_sizes=5, dtype=torch.float64)
+    x = noised(y[:3], noise, 500)
+    bands, _ = model.plan(5)
+    assert any(1 in b.positions for b in bands) and any(b.positions[0] > 1 and b.positions[1] > 1 for b in bands)
+    for band in bands:
+        q = F.unfold(x[:, :, band.r0 : band.r1, band.c0 : band.c1], band.kernel).transpose(1, 2)
+        q = q.reshape(-1, q.shape[2]).contiguous()
+        want = patch_kernels.sliding_average(q, y, band, 0.8, 3.0, None)
+        got = patch_kernels.shifted_band_average(q, y, band, 0.8, 3.0, 2)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
 # (on 13 columns p = 7 has only runs, which span the width)
 @pytest.mark.parametrize("mirror", [True, False])
 @pytest.mark.parametrize("p,path", [(p, path) for p in (1, 3, 4, 7) for path in ("runs", "rows", "box")

@@ -153,6 +153,63 @@ def sliding_average(queries: torch.Tensor, images: torch.Tensor, band: Band, a: 
     return torch.cat([acc.result() for acc in accs])
 
 
+def shifted_band_average(queries: torch.Tensor, images: torch.Tensor, band: Band, a: float, scale: float,
+                         chunk_size: int | None, weights32: bool = False, native: NativeSoftmax | None = None
+                         ) -> torch.Tensor:
+    """:func:`sliding_average` (same arguments and result) without copying windows: every
+    query window is placed at each of the band's L window positions in a rectangle of zeros,
+    and one GEMM per chunk multiplies these [R·L, C·h·w] with the images' rectangles, read in
+    place where contiguous: logits [R, L·K] (query r, position p, image k) minus the window
+    norms a²s‖y_k[p]‖² (a GEMM of the positions' masks with the squared rectangles). It
+    multiplies (h·w)/(kh·kw) times the products of the copied windows but reads each
+    rectangle once instead of writing L windows of it: the border bands of large windows (els'
+    k ≥ 21 on 28 × 28: 1-4 positions of up to 25 × 28) hold few queries, and there the copy
+    costs more than the GEMM."""
+    rows, dim = queries.shape
+    num, channels = images.shape[:2]
+    dtype, device = queries.dtype, queries.device
+    h, w = band.r1 - band.r0, band.c1 - band.c0
+    kh, kw = band.kernel
+    lh, lw = band.positions
+    positions = [(i, j) for i in range(lh) for j in range(lw)]
+    count = len(positions)
+    rect = channels * h * w
+    placed = torch.zeros(rows, count, channels, h, w, dtype=dtype, device=device)
+    masks = torch.zeros(count, channels, h, w, dtype=dtype, device=device)
+    q = queries.view(rows, channels, kh, kw) * (2.0 * a * scale * LOG2_E)  # base-2 logits
+    for p, (i, j) in enumerate(positions):
+        placed[:, p, :, i : i + kh, j : j + kw] = q
+        masks[p, :, i : i + kh, j : j + kw] = 1.0
+    placed = placed.view(rows * count, rect)
+    masks = masks.view(count, rect)
+    ch, cw = band.centre
+    centres = torch.tensor([c * h * w + (i + ch) * w + (j + cw) for i, j in positions for c in range(channels)],
+                           device=device)
+    norm_factor = a * a * scale * LOG2_E
+    item = queries.element_size()
+    # images per chunk: the rectangle and its squares, norms, values and logits per image
+    size = _chunk_images(item * (2 * rect + count * (channels + 2 + rows)), device, chunk_size, num)
+    size = min(size, max(1, MAX_UPDATE_COLUMNS // count))
+    acc = _accumulator(weights32, native)
+    ws = Workspace(device)
+    for start in range(0, num, size):
+        part = images[start : start + size, :, band.r0 : band.r1, band.c0 : band.c1]
+        k = part.shape[0]
+        if part[0].is_contiguous():  # full-width rows: the rectangles are read in place
+            cand = part.reshape(k, rect)
+        else:
+            cand = ws.take("cand", (k, rect), dtype)
+            cand.copy_(part.reshape(k, rect))
+        norms = torch.mm(masks, cand.square().T).mul_(norm_factor)  # [L, K]
+        logits = torch.mm(placed, cand.T, out=ws.take("logits", (rows * count, k), dtype))
+        logits.view(rows, count, k).sub_(norms.unsqueeze(0))
+        values = ws.take("values", (count, k, channels + 1), dtype)
+        values[..., :channels] = cand[:, centres].view(k, count, channels).transpose(0, 1)
+        values[..., channels] = 1.0  # the normaliser comes out of the same product
+        acc.update(logits.view(rows, count * k), values.view(count * k, channels + 1), ones_column=True)
+    return acc.result()
+
+
 def _sliding_direct(queries: torch.Tensor, images: torch.Tensor, band: Band, a: float, scale: float,
                     chunk_size: int | None, native: NativeSoftmax) -> torch.Tensor:
     """:func:`sliding_average` for float64 steps through the native kernel: logits of float64
@@ -172,7 +229,7 @@ def _sliding_direct(queries: torch.Tensor, images: torch.Tensor, band: Band, a: 
     # images per chunk: the windows with their values, norms and sort keys, and the merge's
     # copies, within the free-memory budget (not the cache cap: merging and pruning gain with
     # the chunk) and at most MERGE_CHUNK_IMAGES
-    size = chunk_rows(8 * windows * 3 * (dim + channels + 3), device, chunk_size, total=num,
+    size = chunk_rows(8 * windows * 4 * (dim + channels + 3), device, chunk_size, total=num,
                       cpu_cap=MERGE_CHUNK_BYTES)
     size = min(size, MERGE_CHUNK_IMAGES)
     scale2 = scale * LOG2_E

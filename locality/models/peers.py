@@ -36,7 +36,7 @@ from locality.models.base import Denoiser, register_model
 from locality.models.memory import check_chunk_size
 from locality.models.native import NativeSoftmax, measured_softmax
 from locality.models.patch_kernels import (
-    Band, Tile, masked_tile_average, sliding_average, window_logit_error_estimate,
+    Band, Tile, masked_tile_average, shifted_band_average, sliding_average, window_logit_error_estimate,
 )
 from locality.models.softmax import LOG2_E, LOGIT_TOLERANCE, WEIGHT_FLOOR_LOG
 from locality.schedule import ddim_timesteps
@@ -205,6 +205,7 @@ class ElsDenoiser(PatchDenoiser):
         for t, k in self.schedule.items():
             self.check_size(k, f" at t={t} in model.patch_sizes={list(self.schedule.values())}")
         self._plans: dict[int, tuple[list[Band], list[Tile]]] = {}
+        self.last_kernel: str | None = None  # the border bands' layout of the last step (tests, bench)
 
     def check_size(self, k: int, where: str = "") -> None:
         """ValueError unless k is odd (and, for ``circular``, at most the image size)."""
@@ -250,24 +251,28 @@ class ElsDenoiser(PatchDenoiser):
         return bands, position_tiles(corners, d, (h, w), block)
 
     def step(self, x: torch.Tensor, a: float, scale: float, size: int, images: torch.Tensor) -> torch.Tensor:
+        """The sliding bands (:meth:`band_average`) and the same-position tiles of size k. The
+        border bands of ``borders`` (one row or column of positions) take the layout the tuner
+        measures fastest for this step (``windows`` or ``shifted``, float32 steps)."""
         batch, channels, h, w = x.shape
         out = torch.empty(batch, channels, h, w, dtype=torch.float64, device=x.device)
         bands, tiles = self.plan(size)
-        d = size // 2
+        border = [b for b in bands if self.variant == "borders" and 1 in b.positions]
+        layout = "windows"
+        if border and x.dtype == torch.float32:
+            key = (f"els|border_bands|k={size}|{channels}x{h}x{w}|{str(x.dtype)[6:]}|"
+                   + shape_key(channels * h * w, batch, images.shape[0], self.chunk_size))
+
+            def probe(name: str):
+                return lambda count, samples: (lambda: [self.band_average(x[:samples], b, a, scale, images[:count], name)
+                                                        for b in border])
+
+            layout = self.tuner.choose(key, {name: probe(name) for name in ("windows", "shifted")},
+                                       images.shape[0], batch).kernel
+        self.last_kernel = layout if border else None
         for band in bands:
-            lh, lw = band.positions
-            if self.variant == "circular":
-                queries = F.unfold(F.pad(x, (d, d, d, d), mode="circular"), size)  # [B, D, H·W]
-                rows, cols = slice(0, h), slice(0, w)
-                lh, lw = h, w
-            else:
-                queries = F.unfold(x[:, :, band.r0 : band.r1, band.c0 : band.c1], band.kernel)  # [B, D, L]
-                rows = slice(band.r0 + band.centre[0], band.r0 + band.centre[0] + lh)
-                cols = slice(band.c0 + band.centre[1], band.c0 + band.centre[1] + lw)
-            q = queries.transpose(1, 2).reshape(-1, queries.shape[1])  # rows (b, position)
-            res = sliding_average(q, images, band, a, scale, self.chunk_size, self.weights32,
-                                  self._native)  # [B·L, C]
-            out[:, :, rows, cols] = res.view(batch, lh, lw, channels).permute(0, 3, 1, 2)
+            rows, cols, res = self.band_average(x, band, a, scale, images, layout if band in border else "windows")
+            out[:, :, rows, cols] = res
         for tile in tiles:
             res = masked_tile_average(x, images, tile, a, scale, self.chunk_size, self.weights32,
                                       self._native)  # [S, B, C]
@@ -275,6 +280,30 @@ class ElsDenoiser(PatchDenoiser):
             jj = torch.tensor([c[1] for c in tile.centres], device=x.device)
             out[:, :, ii, jj] = res.permute(1, 2, 0)
         return out
+
+    def band_average(self, x: torch.Tensor, band: Band, a: float, scale: float, images: torch.Tensor,
+                     layout: str = "windows") -> tuple[slice, slice, torch.Tensor]:
+        """The output pixels (rows, columns) of one sliding band and their x̂0 [B, C, lh, lw]
+        float64: queries are the windows of x over the band (of x padded circularly for
+        ``circular``), candidates every window of the band in every image, through
+        :func:`sliding_average` (``windows``) or :func:`shifted_band_average` (``shifted``)."""
+        batch, channels, h, w = x.shape
+        size = band.kernel[0] if self.variant == "circular" else None
+        if self.variant == "circular":
+            d = size // 2
+            queries = F.unfold(F.pad(x, (d, d, d, d), mode="circular"), size)  # [B, D, H·W]
+            rows, cols = slice(0, h), slice(0, w)
+            lh, lw = h, w
+        else:
+            lh, lw = band.positions
+            queries = F.unfold(x[:, :, band.r0 : band.r1, band.c0 : band.c1], band.kernel)  # [B, D, L]
+            rows = slice(band.r0 + band.centre[0], band.r0 + band.centre[0] + lh)
+            cols = slice(band.c0 + band.centre[1], band.c0 + band.centre[1] + lw)
+        q = queries.transpose(1, 2).reshape(-1, queries.shape[1])  # rows (b, position)
+        average = shifted_band_average if layout == "shifted" else sliding_average
+        res = average(q.contiguous() if layout == "shifted" else q, images, band, a, scale, self.chunk_size,
+                      self.weights32, self._native)  # [B·L, C]
+        return rows, cols, res.view(batch, lh, lw, channels).permute(0, 3, 1, 2)
 
 
 @register_model("pspc")
