@@ -70,7 +70,7 @@ def background_data(num: int = 40, shape=(1, 10, 9), seed: int = 3):
 
 
 def test_merged_windows_merges_identical_windows_only_and_orders_by_norm():
-    from locality.models.patch_kernels import merged_windows
+    from locality.models.window_search import merged_windows
 
     g = torch.Generator().manual_seed(0)
     base = torch.randint(-3, 4, (6, 4), generator=g).double()
@@ -93,9 +93,9 @@ def test_merged_windows_merges_identical_windows_only_and_orders_by_norm():
 @pytest.mark.parametrize("t", [0, 5])
 def test_els_low_noise_search_merges_and_skips_windows_and_matches_brute_force(variant, t, monkeypatch):
     """float64 steps of els' sliding windows merge identical windows and skip those the norm
-    bound excludes (patch_kernels._sliding_direct): the result stays the brute force's, and
+    bound excludes (locality.models.window_search): the result stays the brute force's, and
     chunks of images (merged and searched apart) change nothing beyond rounding."""
-    from locality.models import patch_kernels
+    from locality.models import window_search
     from synthetic import PreferKernel
 
     y, noise = background_data()
@@ -103,7 +103,7 @@ def test_els_low_noise_search_merges_and_skips_windows_and_matches_brute_force(v
     x = torch.cat([noised(y[:2], noise[:2], t), noised(blend, noise[2:], t)])
     want = els_oracle(x, y, t, 3, variant)
     pairs = {"taken": 0, "offered": 0, "merged": 0, "windows": 0}
-    merge, take, run = patch_kernels.merged_windows, patch_kernels._BlockSearch._take, patch_kernels._BlockSearch.run
+    merge, take, run = window_search.merged_windows, window_search.BlockSearch._take, window_search.BlockSearch.run
 
     def counting_merge(w, v):
         out = merge(w, v)
@@ -119,10 +119,10 @@ def test_els_low_noise_search_merges_and_skips_windows_and_matches_brute_force(v
         pairs["offered"] += cands.norms.numel() * self.rows.shape[1]
         return run(self, cands)
 
-    monkeypatch.setattr(patch_kernels, "merged_windows", counting_merge)
-    monkeypatch.setattr(patch_kernels._BlockSearch, "_take", counting_take)
-    monkeypatch.setattr(patch_kernels._BlockSearch, "run", counting_run)
-    monkeypatch.setattr(patch_kernels, "SEARCH_SLICE", 16)  # small steps: the bound can act on small data
+    monkeypatch.setattr(window_search, "merged_windows", counting_merge)
+    monkeypatch.setattr(window_search.BlockSearch, "_take", counting_take)
+    monkeypatch.setattr(window_search.BlockSearch, "run", counting_run)
+    monkeypatch.setattr(window_search, "SEARCH_SLICE", 16)  # small steps: the bound can act on small data
     outs = []
     for chunk in (None, 7):
         model = build_model("els", y, None, patch_sizes=3, variant=variant, dtype=torch.float32, chunk_size=chunk,
@@ -142,10 +142,10 @@ def test_the_window_search_keeps_every_window_that_weighs(scale, monkeypatch):
     to flat weights (2), where a search that skipped too much would be far off."""
     import torch.nn.functional as F
 
-    from locality.models import patch_kernels
+    from locality.models import patch_kernels, window_search
     from locality.models.native import load_native_softmax
 
-    monkeypatch.setattr(patch_kernels, "SEARCH_SLICE", 16)
+    monkeypatch.setattr(window_search, "SEARCH_SLICE", 16)
     y, noise = background_data()
     a = 0.9
     band = patch_kernels.Band(0, 10, 0, 9, (3, 3), (1, 1))

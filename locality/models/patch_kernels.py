@@ -14,6 +14,14 @@ row [2as q, -a²s] with an augmented candidate column [c, ‖c‖²]: a GEMM wit
   interior, border rows and columns, and its circular variant). The candidate windows of a
   chunk are unfolded (``F.unfold``) once and serve all query rows: logits [R, K·L] =
   queries [R, D+1] @ windows [K·L, D+1]ᵀ; values are the windows' centre pixels.
+* :func:`shifted_band_average`: the same sum for bands of few positions (els' border rows and
+  columns): each query is placed at every window position of the band's rectangle, and one GEMM
+  multiplies these with the rectangles read in place (no copy of the windows; the tuner picks
+  it or the copies per step).
+* float64 steps of :func:`sliding_average` (low noise: t = 0) search instead of scoring every
+  window (:mod:`locality.models.window_search`): identical windows merged, the rest ordered by norm, and a
+  window skipped only where the triangle inequality proves its weight below 2^-PRUNE_BITS of
+  the nearest window's.
 * :func:`masked_tile_average`: each query sees the window at its OWN position in every image
   (els' corners and its local variant; pspc). The windows of a tile of neighbouring positions
   lie in one rectangle of the image; the rectangle of each image is copied once per chunk and
@@ -47,16 +55,6 @@ LOGITS_CPU_CAP_BYTES = 8 << 20  # CPU: logits blocks that stay in the last-level
 # across updates); over 135 000 nearly equal weights (t = 900, 200 images) one sum missed the
 # float64 result by 3.9e-4, within 4096 terms the rounding stays near eps·√4096 ≈ 4e-6
 MAX_UPDATE_COLUMNS = 4096
-# float64 (low-noise) steps of els' sliding windows skip the windows whose weight is provably
-# below 2^-PRUNE_BITS of the query's nearest window's (_sliding_direct): all of them together
-# weigh at most (number of windows)·2^-56 of the sum, below 1e-9 for up to 7e7 windows
-PRUNE_BITS = 56.0
-QUERY_BLOCK = 32  # queries of similar norms that share one candidate range
-# candidates per side and step of a block's search (the native kernel sums its float32 weights in
-# blocks of 512 added in float64: no cap on a call's candidates for accuracy)
-SEARCH_SLICE = 8192
-MERGE_CHUNK_IMAGES = 4096  # images whose windows are merged and ordered at once
-MERGE_CHUNK_BYTES = 2 << 30  # at most this much memory for them (and a quarter of the free memory)
 
 
 def window_logit_error_estimate(values: int, abar: float, scale: float, x_abs_max: float,
@@ -120,7 +118,9 @@ def sliding_average(queries: torch.Tensor, images: torch.Tensor, band: Band, a: 
     dtype, device = queries.dtype, queries.device
     item = queries.element_size()
     if native is not None and dtype == torch.float64 and device.type == "cpu" and channels <= native.max_values:
-        return _sliding_direct(queries, images, band, a, scale, chunk_size, native)
+        from locality.models.window_search import searched_sliding_average  # (it imports Band from here)
+
+        return searched_sliding_average(queries, images, band, a, scale, chunk_size, native)
     aug = torch.empty(rows, dim + 1, dtype=dtype, device=device)
     aug[:, :dim] = queries * (2.0 * a * scale * LOG2_E)  # base-2 logits: exp2 is the fast one
     aug[:, dim] = -a * a * scale * LOG2_E
@@ -208,130 +208,6 @@ def shifted_band_average(queries: torch.Tensor, images: torch.Tensor, band: Band
         values[..., channels] = 1.0  # the normaliser comes out of the same product
         acc.update(logits.view(rows, count * k), values.view(count * k, channels + 1), ones_column=True)
     return acc.result()
-
-
-def _sliding_direct(queries: torch.Tensor, images: torch.Tensor, band: Band, a: float, scale: float,
-                    chunk_size: int | None, native: NativeSoftmax) -> torch.Tensor:
-    """:func:`sliding_average` for float64 steps through the native kernel: logits of float64
-    direct differences (no expanded form to cancel, no logits in memory), over the candidates
-    that can matter. Per chunk of images, identical windows are merged (one candidate with a
-    logit bias of log2(count): Fashion-MNIST's 3×3 windows are 38 % duplicates, 29 % all
-    background) and ordered by norm (:func:`merged_windows`). The queries, in blocks of similar
-    norms, search outwards from their own norm (:func:`_search_block`): by the triangle
-    inequality |‖q‖ - a‖c‖| ≤ ‖q - a c‖, a window outside the norms within √(d + slack) of a
-    query's, d the smallest distance found so far, weighs less than 2^-PRUNE_BITS of the nearest
-    window and is skipped. At t = 0 (1/(2σ²) = 5000) a few per cent of the windows remain."""
-    rows, dim = queries.shape
-    num, channels = images.shape[:2]
-    lh, lw = band.positions
-    windows = lh * lw
-    device = queries.device
-    # images per chunk: the windows with their values, norms and sort keys, and the merge's
-    # copies, within the free-memory budget (not the cache cap: merging and pruning gain with
-    # the chunk) and at most MERGE_CHUNK_IMAGES
-    size = chunk_rows(8 * windows * 4 * (dim + channels + 3), device, chunk_size, total=num,
-                      cpu_cap=MERGE_CHUNK_BYTES)
-    size = min(size, MERGE_CHUNK_IMAGES)
-    scale2 = scale * LOG2_E
-    q_norms = queries.square().sum(1).sqrt_()
-    order = torch.argsort(q_norms)
-    blocks = [order[i : i + QUERY_BLOCK] for i in range(0, rows, QUERY_BLOCK)]
-    searches = [_BlockSearch(queries[idx].contiguous().unsqueeze(0), q_norms[idx] / a, scale2, a, native)
-                for idx in blocks]
-    ch, cw = band.centre
-    for start in range(0, num, size):
-        part = images[start : start + size, :, band.r0 : band.r1, band.c0 : band.c1]
-        k = part.shape[0]
-        view = part.unfold(2, band.kernel[0], 1).unfold(3, band.kernel[1], 1).permute(0, 2, 3, 1, 4, 5)
-        values = part[:, :, ch : ch + lh, cw : cw + lw].reshape(k, channels, windows).transpose(1, 2)
-        cands = merged_windows(view.reshape(k * windows, dim).to(torch.float64),
-                               values.reshape(k * windows, channels).to(torch.float64))
-        for search in searches:
-            search.run(cands)
-    out = torch.empty(rows, channels, dtype=torch.float64, device=device)
-    for idx, search in zip(blocks, searches):
-        out[idx] = search.acc.result()
-    return out
-
-
-class _BlockSearch:
-    """The online softmax of one block of queries (``rows`` [1, b, D], norms/a ``reach`` [b])
-    over the candidates that can matter (:func:`_sliding_direct`). Candidates are taken in
-    slices of ``SEARCH_SLICE`` outwards from the block's norms; after each, the smallest
-    distance of each query is bounded from the running maximum logit (d ≤ (max bias - max)/s:
-    the maximum is some window's -s·d + log2 count) and the range still needed shrinks to
-    norms within √(d + slack)/a of the query's."""
-
-    def __init__(self, rows: torch.Tensor, reach: torch.Tensor, scale2: float, a: float,
-                 native: NativeSoftmax) -> None:
-        self.rows, self.reach, self.scale2, self.a = rows, reach, scale2, a
-        self.slack = PRUNE_BITS / scale2  # distance units: weights below 2^-PRUNE_BITS of the nearest's
-        self.acc = OnlineSoftmaxAverage(base2=True, native=native)
-        self.nearest = torch.full_like(reach, math.inf)  # ≥ each query's smallest distance so far
-        self.max_bias = 0.0
-
-    def run(self, cands: MergedWindows) -> None:
-        norms = cands.norms
-        lo = hi = int(torch.searchsorted(norms, self.reach.median()))
-        while True:
-            need_lo, need_hi = self._needed(norms)
-            if lo <= need_lo and hi >= need_hi:
-                return
-            if hi < need_hi:
-                self._take(cands, hi, min(hi + SEARCH_SLICE, need_hi))
-                hi = min(hi + SEARCH_SLICE, need_hi)
-            if lo > need_lo:
-                self._take(cands, max(lo - SEARCH_SLICE, need_lo), lo)
-                lo = max(lo - SEARCH_SLICE, need_lo)
-
-    def _needed(self, norms: torch.Tensor) -> tuple[int, int]:
-        """The candidates [i0, i1) (by ascending norm) that may lie within ``slack`` of a
-        query's smallest distance (widened by 1e-9 relative for the norms' rounding)."""
-        if not math.isfinite(float(self.nearest.max())):
-            return 0, norms.numel()
-        radius = (self.nearest + self.slack).sqrt_().mul_(1 + 1e-9).add_(1e-12) / self.a
-        bounds = torch.stack([(self.reach - radius).min(), (self.reach + radius).max()])
-        return (int(torch.searchsorted(norms, bounds[0])), int(torch.searchsorted(norms, bounds[1], right=True)))
-
-    def _take(self, cands: MergedWindows, i0: int, i1: int) -> None:
-        if i1 <= i0:
-            return
-        self.acc.update_direct(self.rows, cands.windows_t[:, i0:i1], cands.values_t[:, i0:i1].unsqueeze(0),
-                               self.a, self.scale2, bias=cands.log2_count[i0:i1])
-        self.max_bias = max(self.max_bias, float(cands.log2_count[i0:i1].max()))
-        self.nearest = torch.minimum(self.nearest, (self.max_bias - self.acc.max) / self.scale2)
-
-
-@dataclass(frozen=True)
-class MergedWindows:
-    """Candidate windows with identical ones merged, by ascending norm: ``windows_t`` [D, M]
-    and ``values_t`` [C, M] float64, ``norms`` [M] float64, ``log2_count`` [M] float64 (how
-    many windows each stands for, as a logit bias in base 2)."""
-
-    windows_t: torch.Tensor
-    values_t: torch.Tensor
-    norms: torch.Tensor
-    log2_count: torch.Tensor
-
-
-def merged_windows(windows: torch.Tensor, values: torch.Tensor) -> MergedWindows:
-    """Merge identical rows of ``windows`` [K, D] (their ``values`` [K, C] are equal too: the
-    value pixel is inside the window) and order them by norm. Rows sort by (‖w‖², w·h) for a
-    fixed direction h, so identical rows are neighbours; only rows found equal element by
-    element are merged (a tie of keys between different rows merges nothing)."""
-    sq = windows.square().sum(1)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    direction = torch.randn(windows.shape[1], generator=gen, dtype=torch.float64).to(windows.device)
-    order = torch.sort(windows @ direction, stable=True).indices
-    order = order[torch.sort(sq[order], stable=True).indices]
-    w = windows[order]
-    first = torch.ones(len(w), dtype=torch.bool, device=w.device)
-    first[1:] = (w[1:] != w[:-1]).any(1)
-    starts = first.nonzero().squeeze(1)
-    counts = torch.diff(starts, append=torch.tensor([len(w)], device=w.device))
-    keep = order[starts]
-    return MergedWindows(w[starts].T.contiguous(), values[keep].T.contiguous(), sq[keep].sqrt(),
-                         counts.to(torch.float64).log2())
 
 
 @dataclass(frozen=True)
