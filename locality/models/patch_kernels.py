@@ -168,23 +168,21 @@ def shifted_band_average(queries: torch.Tensor, images: torch.Tensor, band: Band
     rows, dim = queries.shape
     num, channels = images.shape[:2]
     dtype, device = queries.dtype, queries.device
-    h, w = band.r1 - band.r0, band.c1 - band.c0
     kh, kw = band.kernel
     lh, lw = band.positions
-    positions = [(i, j) for i in range(lh) for j in range(lw)]
-    count = len(positions)
-    rect = channels * h * w
-    placed = torch.zeros(rows, count, channels, h, w, dtype=dtype, device=device)
-    masks = torch.zeros(count, channels, h, w, dtype=dtype, device=device)
-    q = queries.view(rows, channels, kh, kw) * (2.0 * a * scale * LOG2_E)  # base-2 logits
-    for p, (i, j) in enumerate(positions):
-        placed[:, p, :, i : i + kh, j : j + kw] = q
-        masks[p, :, i : i + kh, j : j + kw] = 1.0
+    (ch, cw), top, left = band.centre, band.r0, band.c0
+    # the band's windows as a tile of the rectangle: its masks [L, C·h·w] and value pixels
+    tile = Tile(band.r0, band.r1, band.c0, band.c1,
+                tuple((top + i, top + i + kh, left + j, left + j + kw) for i in range(lh) for j in range(lw)),
+                tuple((top + i + ch, left + j + cw) for i in range(lh) for j in range(lw)))
+    masks = tile.masks(channels, dtype, device)
+    count, rect = masks.shape
+    centres = tile.centre_index(channels, device)
+    # each query at every position: a window's ones in the flattened rectangle run in the
+    # query's own (C, kh, kw) order
+    placed = torch.zeros(rows, count * rect, dtype=dtype, device=device)
+    placed[:, masks.reshape(-1) != 0] = (queries * (2.0 * a * scale * LOG2_E)).repeat(1, count)  # base-2 logits
     placed = placed.view(rows * count, rect)
-    masks = masks.view(count, rect)
-    ch, cw = band.centre
-    centres = torch.tensor([c * h * w + (i + ch) * w + (j + cw) for i, j in positions for c in range(channels)],
-                           device=device)
     norm_factor = a * a * scale * LOG2_E
     item = queries.element_size()
     # images per chunk: the rectangle and its squares, norms, values and logits per image

@@ -288,10 +288,9 @@ class ElsDenoiser(PatchDenoiser):
         ``circular``), candidates every window of the band in every image, through
         :func:`sliding_average` (``windows``) or :func:`shifted_band_average` (``shifted``)."""
         batch, channels, h, w = x.shape
-        size = band.kernel[0] if self.variant == "circular" else None
         if self.variant == "circular":
-            d = size // 2
-            queries = F.unfold(F.pad(x, (d, d, d, d), mode="circular"), size)  # [B, D, H·W]
+            d = band.kernel[0] // 2
+            queries = F.unfold(F.pad(x, (d, d, d, d), mode="circular"), band.kernel)  # [B, D, H·W]
             rows, cols = slice(0, h), slice(0, w)
             lh, lw = h, w
         else:
@@ -301,8 +300,7 @@ class ElsDenoiser(PatchDenoiser):
             cols = slice(band.c0 + band.centre[1], band.c0 + band.centre[1] + lw)
         q = queries.transpose(1, 2).reshape(-1, queries.shape[1])  # rows (b, position)
         average = shifted_band_average if layout == "shifted" else sliding_average
-        res = average(q.contiguous() if layout == "shifted" else q, images, band, a, scale, self.chunk_size,
-                      self.weights32, self._native)  # [B·L, C]
+        res = average(q, images, band, a, scale, self.chunk_size, self.weights32, self._native)  # [B·L, C]
         return rows, cols, res.view(batch, lh, lw, channels).permute(0, 3, 1, 2)
 
 

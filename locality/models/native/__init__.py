@@ -198,9 +198,9 @@ class NativeSoftmax:
         _check_rows(values, torch.float64, count, "values")
         if values.shape[0] not in (1, groups):
             raise ValueError(f"native direct softmax: values has {values.shape[0]} groups, expected 1 or {groups}")
-        if bias is not None and (bias.dim() != 1 or bias.shape[0] < count):
-            raise ValueError(f"native direct softmax: bias must be float64 [≥{count}], got {tuple(bias.shape)}")
         if bias is not None:
+            if bias.dim() != 1:
+                raise ValueError(f"native direct softmax: bias must be float64 [≥{count}], got {tuple(bias.shape)}")
             _check_rows(bias, torch.float64, count, "bias")
         indptr = indices = None
         if csr is not None:
@@ -215,7 +215,8 @@ class NativeSoftmax:
                               candidates.data_ptr(), candidates.stride(0),
                               indptr.data_ptr() if indptr is not None else None,
                               indices.data_ptr() if indices is not None else None, n, a, scale,
-                              bias.data_ptr() if bias is not None else None, values.data_ptr(), values.stride(0) if values.shape[0] > 1 else 0, values.stride(1), v,
+                              bias.data_ptr() if bias is not None else None, values.data_ptr(),
+                              values.stride(0) if values.shape[0] > 1 else 0, values.stride(1), v,
                               mx.data_ptr(), norm.data_ptr(), acc.data_ptr(), to_base2, floor_log2, int(first),
                               torch.get_num_threads())
         _raise_on(status, "native direct softmax")
