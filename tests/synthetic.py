@@ -74,7 +74,7 @@ class PreferKernel(KernelTuner):
         self.names = (name, *names)
         self.seen: list[str] = []  # the candidates of the last choice
 
-    def choose(self, key, candidates, total_images, total_samples, min_images=None) -> Decision:
+    def choose(self, key, candidates, total_images, total_samples, *probe_info) -> Decision:
         self.seen = list(candidates)
         for name in self.names:
             if name in candidates:

@@ -67,10 +67,24 @@ def test_a_kernel_is_not_dropped_below_its_own_floor_of_images():
 
 
 def test_close_kernels_go_to_the_final_alternating_round():
+    """Each runs its last REPEATS calls on its own count of images (where its call took
+    MIN_TIMED_S), in alternation; the faster per image wins."""
+    order: list[str] = []
     a_calls, b_calls = [], []
-    decision = KernelTuner("cpu").measure({"a": sleeper(1.4e-4, a_calls), "b": sleeper(1e-4, b_calls)}, 4096, 8)
-    assert decision.kernel == "b"
-    assert a_calls[-autotune.REPEATS:] == b_calls[-autotune.REPEATS:] == [decision.probe_images] * autotune.REPEATS
+
+    def logged(name, prepare):
+        def wrapped(images, samples):
+            run = prepare(images, samples)
+            return lambda: (order.append(name), run())
+        return wrapped
+
+    decision = KernelTuner("cpu").measure({"a": logged("a", sleeper(1.4e-4, a_calls)),
+                                           "b": logged("b", sleeper(1e-4, b_calls))}, 4096, 8)
+    assert decision.kernel == "b" and decision.probe_images == b_calls[-1]
+    for calls in (a_calls, b_calls):
+        assert calls[-autotune.REPEATS:] == [calls[-1]] * autotune.REPEATS
+        assert 1.4e-4 * calls[-1] >= autotune.MIN_TIMED_S or 1e-4 * calls[-1] >= autotune.MIN_TIMED_S
+    assert order[-2 * (autotune.REPEATS - 1):] == ["a", "b"] * (autotune.REPEATS - 1)  # alternating
 
 
 def test_a_single_candidate_is_not_measured():
@@ -166,20 +180,54 @@ def test_pca_locality_never_picks_a_slow_backend(synth8, monkeypatch):
 
 def test_a_slow_round_before_the_last_does_not_make_a_kernel_look_free_per_image(monkeypatch):
     """A kernel of large fixed cost whose round before the last was slowed by the machine (a
-    spike of 40 ms): measured against that round, its cost per added image would come out ~0
-    and its rate at the full count absurdly low. Measured over the whole span of the rounds it
-    stays near its true 10 ms per 1000 images."""
+    spike of 40 ms, at 64 images): measured against that round, its cost per added image would
+    come out ~0 and its rate at the full count absurdly low. Measured over the whole span of the
+    rounds it stays near its true 10 ms per 1000 images."""
     monkeypatch.setattr(autotune, "MIN_TIMED_S", 0.02)  # the probe stops at 1 024 images (plain: 20 ms)
     spiky_calls, plain_calls = [], []
 
     def spiky(images: int, samples: int):
         def run():
             spiky_calls.append(images)
-            time.sleep(0.02 + 1e-5 * images + (0.04 if images == 256 else 0.0))
+            time.sleep(0.02 + 1e-5 * images + (0.04 if images == 64 else 0.0))
         return run
 
     decision = KernelTuner("cpu").measure({"plain": sleeper(2e-5, plain_calls), "spiky": spiky}, 60_000, 8,
                                           min_images={"spiky": 1024})
-    assert 256 in spiky_calls and max(spiky_calls) == 1024
+    assert 64 in spiky_calls and max(spiky_calls) == 1024
     assert decision.ms_per_1000_images["spiky"] > 5.0  # true: 10 + 20 ms / 60 = 10.3
     assert decision.kernel == "spiky"
+
+
+def test_a_fixed_cost_paid_per_chunk_counts_that_often():
+    """A kernel whose fixed cost (10 ms a call) is paid per chunk of the step (``fixed_calls``,
+    here 60 chunks of 60 000 images) costs 10 µs per image more than its cost per added image
+    says: it loses to a plain kernel of 5 µs per image, which it beats when its fixed cost is
+    paid once."""
+    for fixed_calls, winner in (({"chunky": 60}, "plain"), (None, "chunky")):
+        decision = KernelTuner("cpu").measure({"plain": sleeper(5e-6, []), "chunky": sleeper(1e-6, [], 0.01)},
+                                              60_000, 8, fixed_calls=fixed_calls)
+        assert decision.kernel == winner, decision
+        rate = decision.ms_per_1000_images["chunky"]
+        assert (rate > 9.0) if fixed_calls else (rate < 3.0), decision
+
+
+def test_kernels_measured_before_skip_the_screen_and_aim_at_their_floor():
+    """Candidates whose rates an earlier decision of these shapes measured (``known_rates``)
+    were screened then: after a warm-up they start at the base round, and a floored one goes
+    from it straight to its floor (or the count its known rate says takes MIN_TIMED_S). One unknown candidate brings the screen back for all."""
+    floor_calls, plain_calls = [], []
+    tuner = KernelTuner("cpu")
+    decision = tuner.measure({"plain": sleeper(2e-5, plain_calls), "floored": sleeper(1e-5, floor_calls, 0.005)},
+                             60_000, 8, min_images={"floored": 1024},
+                             known_rates={"plain": 2e-5, "floored": 1e-5})
+    # warm-up, base, then at once its floor (here beyond it: 20 ms), where it stays
+    assert floor_calls[:2] == [1, autotune.SCREEN_IMAGES] and floor_calls[2] >= 1024
+    assert set(floor_calls[2:]) == {floor_calls[2]}
+    # (a kernel without a floor grows by at most GROWTH² a round, here the most at once)
+    assert plain_calls[:3] == [1, autotune.SCREEN_IMAGES, autotune.GROWTH**2 * autotune.SCREEN_IMAGES]
+    assert decision.kernel == "floored"
+    floor_calls.clear()
+    tuner.measure({"plain": sleeper(2e-5, []), "floored": sleeper(1e-5, floor_calls, 0.005)}, 60_000, 8,
+                  min_images={"floored": 1024}, known_rates={"floored": 1e-5})
+    assert floor_calls[:4] == [1, 1, autotune.SCREEN_IMAGES, autotune.SCREEN_IMAGES]  # screened again

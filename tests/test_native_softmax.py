@@ -195,7 +195,7 @@ class _Decides(KernelTuner):
         self.winner = winner
         self.asked: list[str] = []
 
-    def choose(self, key, candidates, total_images, total_samples, min_images=None):
+    def choose(self, key, candidates, total_images, total_samples, *probe_info):
         self.asked.append(key)
         assert set(candidates) == {"native", "torch"}
         for prepare in candidates.values():  # both probes run
@@ -283,11 +283,11 @@ class _Prefers(KernelTuner):
         super().__init__("cpu")
         self.names = names
 
-    def choose(self, key, candidates, total_images, total_samples, min_images=None):
+    def choose(self, key, candidates, total_images, total_samples, *probe_info):
         for name in candidates:
             if name in self.names:
                 return Decision(name, {}, 0, 0.0, "preferred by the test")
-        return super().choose(key, candidates, total_images, total_samples, min_images)
+        return super().choose(key, candidates, total_images, total_samples, *probe_info)
 
 
 def test_pca_locality_sparse_steps_through_native_match_float64(native):

@@ -5,6 +5,7 @@ formula, the exactness probe, and their clear refusals. No timing asserts."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -405,30 +406,31 @@ class _Recording(KernelTuner):
         super().__init__("cpu")
         self.calls: list[tuple[str, list[str]]] = []
 
-    def choose(self, key, candidates, total_images, total_samples, min_images=None):
+    def choose(self, key, candidates, total_images, total_samples, *probe_info):
         self.calls.append((key, list(candidates)))
-        return super().choose(key, candidates, total_images, total_samples, min_images)
+        return super().choose(key, candidates, total_images, total_samples, *probe_info)
 
 
 def test_a_new_gathered_class_times_only_the_mask_dependent_kernels_again(synth8):
     """Steps whose masks leave int8_gather different shares of the work are separate decisions
     (it wins the local masks and loses the half-covered ones); at the second such class, the
     kernels whose cost does not depend on the mask are not timed again: only the fastest of them
-    at the first class competes with int8_gather."""
+    at the first class competes with int8_gather. (The first class is recorded as won by
+    int8_gather, whatever this machine measured: a win at a smaller share says nothing of the
+    larger one, which is then measured; a loss would decide it.)"""
+    from dataclasses import replace
+
     images, stats = synth8
     tuner = _Recording()
     model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32, tuner=tuner)
-    classes: dict[int, int] = {}
-    for t in range(900, 0, -50):
-        plan = model.plan(t)
-        if plan.strategy == "dense":
-            classes.setdefault(round(math.log2(plan.gathered_fraction)), t)
+    classes = _gathered_classes(model)
     assert len(classes) >= 2, classes
-    first_t, second_t = list(classes.values())[:2]
+    first_t, second_t = (classes[c] for c in sorted(classes)[:2])
     x = noisy(images, first_t)
     model(x, first_t)
     key1, names1 = [c for c in tuner.calls if c[0].startswith("pca_locality")][-1]
     assert "|gathered~2^" in key1 and {"float32", "int8_intmm", "int8_gather"} <= set(names1)
+    tuner.remember(key1, replace(tuner.known(key1), kernel="int8_gather"), "test")
     rates = tuner.known(key1).ms_per_1000_images
     fastest_fixed = min((n for n in rates if n != "int8_gather"), key=rates.get)
     model(noisy(images, second_t), second_t)
@@ -460,3 +462,88 @@ def test_a_gathered_class_learns_only_from_its_own_shapes(synth8):
     plain(noisy(images, second_t), second_t)
     key, names = [c for c in tuner.calls if c[0].startswith("pca_locality")][-1]
     assert "|chunk=" not in key and {"float32", "int8_intmm", "int8_gather"} <= set(names)
+
+
+def _gathered_classes(model) -> dict[int, int]:
+    """{gathered class: its first t} over the dense steps of a schedule."""
+    classes: dict[int, int] = {}
+    for t in range(900, 0, -50):
+        plan = model.plan(t)
+        if plan.strategy == "dense":
+            classes.setdefault(round(math.log2(plan.gathered_fraction)), t)
+    return classes
+
+
+def _key_at(model, images, t):
+    from locality.models.pca_locality.selection import decision_key, step_candidates
+
+    step = model.step_inputs(noisy(images, t), t)
+    kind, chosen = step_candidates(model.kernels, step, "auto", float64_only=False)
+    return decision_key(kind, list(chosen), step, len(images), None), kind
+
+
+@pytest.mark.parametrize("known", ["lost below", "won above"])
+def test_a_gathered_class_that_measured_classes_decide_is_not_measured(synth8, known, caplog):
+    """int8_gather's work grows with its share of the dense work, the other kernels' does not:
+    where it lost at a smaller share, it loses here (to the same kernel); where it won at a
+    larger share, it wins here. Such a class is decided without a probe, logged as inferred,
+    and the step is still exact; the other direction (won below, lost above) and a margin
+    below INFER_MARGIN are measured."""
+    from locality.models.autotune import Decision
+    from locality.models.pca_locality.selection import INFER_MARGIN
+
+    images, stats = synth8
+    tuner = _Recording()
+    model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32, tuner=tuner)
+    classes = _gathered_classes(model)
+    assert len(classes) >= 2, classes
+    low, high = min(classes), max(classes)
+    measured_t, asked_t = (classes[low], classes[high]) if known == "lost below" else (classes[high], classes[low])
+    measured_key, kind = _key_at(model, images, measured_t)
+    assert kind == "dense32" and "int8_gather" in measured_key
+    winner = "int8_intmm" if known == "lost below" else "int8_gather"
+    loser = "int8_gather" if winner == "int8_intmm" else "int8_intmm"
+    clear = {winner: 1.0, loser: INFER_MARGIN}
+    tuner.remember(measured_key, Decision(winner, clear, 8, 0.1, "measured"), "test")
+    x = noisy(images, asked_t)
+    with caplog.at_level(logging.INFO, logger="locality.models.autotune"):
+        got = model(x, asked_t).double().reshape(len(x), -1)
+    assert model.last_kernel.startswith(winner + "x")
+    assert not [key for key, _ in tuner.calls if key.startswith("pca_locality")]  # nothing measured
+    asked_key, _ = _key_at(model, images, asked_t)
+    assert tuner.known(asked_key).kernel == winner and "inferred: int8_gather" in caplog.text
+    assert (got - pca_oracle(x, asked_t, images, stats, 0.02)).abs().max() < 1e-4
+    # the other direction says nothing, nor does a near tie: measured
+    near_tie = {winner: 1.0, loser: 0.9 * INFER_MARGIN}
+    for kernel, rates in ((loser, {loser: 1.0, winner: INFER_MARGIN}), (winner, near_tie)):
+        other = _Recording()
+        model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32, tuner=other)
+        other.remember(measured_key, Decision(kernel, rates, 8, 0.1, "measured"), "test")
+        model(x, asked_t)
+        assert [key for key, _ in other.calls if key.startswith("pca_locality")] == [asked_key]
+
+
+def test_a_kernel_measured_far_slower_at_these_shapes_is_not_timed_again(synth8, caplog):
+    """A kernel that an earlier decision of the same shapes measured more than SKIP_FACTOR
+    times slower per image than another candidate (int8_onednn without oneDNN's fast int8 path:
+    ~1000x) is left out of a new decision's probe, with a log line; a decision of other shapes
+    (another number of samples) does not count."""
+    from locality.models.autotune import Decision, shape_key
+    from locality.models.pca_locality.selection import SKIP_FACTOR
+
+    images, stats = synth8
+    x = noisy(images, 500)
+    for batch, skipped in ((len(x), True), (len(x) + 1, False)):
+        tuner = _Recording()
+        model = build_model("pca_locality", images, stats, mask_threshold=0.02, dtype=torch.float32, tuner=tuner)
+        shapes = shape_key(images[0].numel(), batch, len(images), None)
+        tuner.remember(f"pca_locality|dense64|float64+float32+int8_intmm|{shapes}",
+                       Decision("int8_intmm", {"int8_intmm": 1.0, "float32": 2.0 * SKIP_FACTOR}, 8, 0.1, "measured"),
+                       "test")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="locality.models.pca_locality.selection"):
+            got = model(x, 500).double().reshape(len(x), -1)
+        names = [c for c in tuner.calls if c[0].startswith("pca_locality")][-1][1]
+        assert ("float32" not in names) == skipped and "int8_intmm" in names
+        assert ("not timed again" in caplog.text and "float32 (" in caplog.text) == skipped
+        assert (got - pca_oracle(x, 500, images, stats, 0.02)).abs().max() < 1e-4

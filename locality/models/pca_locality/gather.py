@@ -136,6 +136,21 @@ def output_groups(sets: list[tuple[torch.Tensor, bool]], size: int, device: torc
     return out
 
 
+def gather_chunk_images(count: int, sets: list, n: int, n_pad: int, act_rows: int, item: int,
+                        device: torch.device, chunk_size: int | None) -> int:
+    """Images per chunk of :func:`gather_step` over ``count`` images: what the memory budget
+    gives its per-image working set (quadratic sums and values [n] in the combination dtype of
+    ``item`` bytes and int32, full sums [act_rows] int32, the dense operands [n_pad]), and on a
+    CPU at most what keeps one output value's gathered operand [|C_m|, K] int8 within a core's
+    L2 on average (its GEMM reads it right after the gather wrote it), but not below 1 024."""
+    per_image = (2 * item + 8) * n + 4 * act_rows + 3 * n_pad
+    size = chunk_rows(per_image, device, chunk_size, total=count, cpu_cap=GATHER_CPU_CHUNK_CAP_BYTES)
+    if device.type == "cpu" and chunk_size is None:
+        mean_columns = max(1.0, sum(len(c) for c, _ in sets) / max(len(sets), 1))
+        size = max(min(size, int(GATHER_OPERAND_CAP_BYTES / mean_columns)), min(count, 1024))
+    return int_mm_chunk(size, chunk_size)
+
+
 def gather_step(side: GatheredImages, values: torch.Tensor, plan: MaskPlan, x64: torch.Tensor, a: float,
                 scale: float, digits: int, dtype: torch.dtype, chunk_size: int | None,
                 native: NativeSoftmax | None = None) -> torch.Tensor:
@@ -162,16 +177,7 @@ def gather_step(side: GatheredImages, values: torch.Tensor, plan: MaskPlan, x64:
     full_act = torch.nn.functional.pad(act[:, :n], (0, n_pad - n)) if n_pad > n else act[:, :n].contiguous()
     acts = [act.index_select(1, columns) for columns, _ in sets]  # [act_rows, |C_m|] per output value
     item = torch.tensor([], dtype=dtype).element_size()
-    # bytes per image of a chunk: quadratic sums and values [n] in dtype and int32, full sums
-    # [rows] int32, the dense operands
-    per_image = (2 * item + 8) * n + 4 * act_rows + 3 * n_pad
-    size = chunk_rows(per_image, device, chunk_size, total=count, cpu_cap=GATHER_CPU_CHUNK_CAP_BYTES)
-    if device.type == "cpu" and chunk_size is None:
-        # and one output value's gathered operand [|C_m|, K] (int8) within a core's L2 on average,
-        # where its GEMM reads it right after the gather wrote it
-        mean_columns = max(1.0, sum(len(c) for c, _ in sets) / max(len(sets), 1))
-        size = max(min(size, int(GATHER_OPERAND_CAP_BYTES / mean_columns)), min(count, 1024))
-    size = int_mm_chunk(size, chunk_size)
+    size = gather_chunk_images(count, sets, n, n_pad, act_rows, item, device, chunk_size)
     # outputs per group: their int32 sums [act_rows, K], logits and converted sums [B, K]
     group_bytes = (4 * act_rows + 2 * item * batch) * size
     group = max(1, min(n, memory_budget(device, cpu_cap=GATHER_GROUP_CAP_BYTES) // group_bytes))
@@ -215,14 +221,32 @@ class Int8GatherKernel(Int8Kernel):
     ``int8_intmm`` is (8-bit images, binary masks, a probe finding the integer sums exact), at
     the same digits and combination dtype (its integer sums are the dense kernel's)."""
 
-    # one GEMM per output value and chunk: ~30 ms of fixed cost per call on Fashion-MNIST, so
-    # only a probe of ~1000 images and more shows its rate
-    probe_min_images = 1024
-
     def __init__(self, images) -> None:
         super().__init__(images, "int_mm")
         self.name = "int8_gather"
         self._form: str | None = None
+
+    def probe_floor(self, step: Step, precision: Precision, chunk_size: int | None) -> int:
+        """One GEMM per output value and chunk: 10-35 ms of fixed cost per chunk on
+        Fashion-MNIST, so only a probe of ~1000 images and more shows its rate. (A probe on a
+        chunk of the step's own size, 1 700-4 200 images, cost 1 s more per first run and did
+        not rank it better against int8_intmm on this VM: see the README.)"""
+        return min(1024, self.images.count)
+
+    def fixed_cost_calls(self, step: Step, precision: Precision, chunk_size: int | None) -> int:
+        """The step's chunks: the fixed cost of a call is its loop over the output values
+        (10-35 ms on Fashion-MNIST), paid per chunk."""
+        return -(-self.images.count // self.step_chunk(step, precision, chunk_size))
+
+    def step_chunk(self, step: Step, precision: Precision, chunk_size: int | None) -> int:
+        """Images per chunk of :func:`gather_step` over all images."""
+        batch, n = step.x64.shape
+        cuda = self.images.device.type == "cuda"
+        rows = precision.digits * batch
+        item = torch.tensor([], dtype=precision.dtype).element_size()
+        return gather_chunk_images(self.images.count, step.plan.gather_columns(8 if cuda else 1), n,
+                                   n + (-n) % 8, max(rows, 17) if cuda else rows, item, self.images.device,
+                                   chunk_size)
 
     def build(self, count: int) -> GatheredImages:
         codes = self.images.codes()

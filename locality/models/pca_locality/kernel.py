@@ -98,9 +98,6 @@ class Kernel(ABC):
     ``model.dense_kernel`` and the logs call it."""
 
     name: str
-    # the fewest images at which a timing of this kernel says anything of its rate: the
-    # measured choice does not drop it before (a large fixed cost per call dominates below)
-    probe_min_images: int = 0
 
     def __init__(self, images: TrainingImages) -> None:
         self.images = images
@@ -128,6 +125,16 @@ class Kernel(ABC):
     def build(self, count: int) -> object:
         """A new image side of the first ``count`` images (default: the images themselves)."""
         return self.images.values[:count]
+
+    def probe_floor(self, step: Step, precision: Precision, chunk_size: int | None) -> int:
+        """The fewest images at which a timing of this kernel says what it costs per image in
+        ``step`` (the measured choice does not judge it on fewer); 0: any count."""
+        return 0
+
+    def fixed_cost_calls(self, step: Step, precision: Precision, chunk_size: int | None) -> int:
+        """How often the step over all images pays the fixed cost of one probe call (1: once
+        per step; a kernel whose fixed cost is per chunk: its number of chunks)."""
+        return 1
 
     @abstractmethod
     def run(self, side: object, step: Step, precision: Precision, chunk_size: int | None) -> torch.Tensor:

@@ -22,6 +22,7 @@ int8 kernels), falling back to float64 where NAME cannot reach the tolerance.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from locality.models.autotune import Decision, KernelTuner, Prepare
     from locality.models.pca_locality.kernel import Kernel, Precision, Step
 
+log = logging.getLogger(__name__)
 SPARSE_MAX_FRACTION = 1 / 16  # a mask is sparse-eligible when its longest column has ≤ n/16 ones
 # rounding of a kernel's logits relative to the float32 GEMM, for the error estimate: on the H100
 # the probe of scripts/gpu_check.py put bf16x6 logits 5.2x further from float64 than the float32
@@ -63,6 +65,15 @@ FORCED = {"float32": ("float32",), "bf16x6": ("bf16x6",), "bf16x3": ("bf16x3",),
           **{name: (name,) for name in INT8_KERNELS}}
 DENSE_KERNELS = ("auto", *FORCED)  # model.dense_kernel's choices
 MASK_DEPENDENT = ("int8_gather", "sparse")  # kernels whose work per image depends on the mask
+# a kernel measured this many times slower per image than another candidate, at the same shapes
+# on this machine, is not timed again at later kinds of step (int8_onednn without oneDNN's fast
+# int8 path: ~1000x); differences between kinds of step (digits, masks) are within 10x
+SKIP_FACTOR = 50
+# int8_gather's win or loss at one gathered class decides the classes beyond it only when it was
+# by this factor: on the EPYC of the README a probe's ratio of int8_gather to int8_intmm at one
+# class varied from 0.53 to 1.0 between runs (the steps' own ratio: 0.66-0.81), and a tie taken
+# as a loss once gave every class to int8_intmm (1.6x slower in total)
+INFER_MARGIN = 1.5
 
 
 def step_candidates(kernels: dict[str, Kernel], step: Step, dense_kernel: str,
@@ -142,26 +153,108 @@ def kernel_probes(kernels: dict[str, Kernel], chosen: dict[str, Precision], step
 
 def choose_kernel(tuner: KernelTuner, kernels: dict[str, Kernel], kind: str, chosen: dict[str, Precision],
                   step: Step, chunk_size: int | None) -> Decision:
-    """The measured fastest of ``chosen`` for ``step`` (:func:`kernel_probes`). A step of a new
-    ``gathered`` class (:func:`decision_key`) whose kind, candidates and shapes were measured at
-    another class probes only the kernels whose work depends on the mask (``int8_gather``,
-    ``sparse``) against the fastest of the others there: their cost per image does not depend
-    on the mask, and every class would otherwise time them again (~1 s each on a first run)."""
+    """The measured fastest of ``chosen`` for ``step`` (:func:`kernel_probes`), timing only
+    what earlier decisions of this machine and these shapes left open:
+
+    * a step of a new ``gathered`` class (:func:`decision_key`) whose kind, candidates and
+      shapes were measured at another class probes only the kernels whose work depends on the
+      mask (``int8_gather``, ``sparse``) against the fastest of the others there: their cost per
+      image does not depend on the mask, and every class would otherwise time them again; the
+      kernels timed at those classes are not screened again and aim at their floor of images at
+      once (their rates there say how many images take ``MIN_TIMED_S``);
+    * a class that measured classes decide (:func:`_inferred_from_other_classes`) is not timed;
+    * a kernel measured more than ``SKIP_FACTOR`` times slower per image than another candidate
+      of this step, in any decision of these shapes, is not timed again (``int8_onednn`` where
+      oneDNN has no fast int8 path: ~0.25 s of screening per decision).
+
+    The int8 kernels' shared image preparation (the squares' digits) is done before the probe:
+    whichever int8 kernel wins reads it, so it is not measuring."""
+    from locality.models.autotune import shape_key
+
     num = kernels["float64"].images.count
     key = decision_key(kind, list(chosen), step, num, chunk_size)
     classless = decision_key(kind, list(chosen), step, num, chunk_size, gathered=False)
     probed = dict(chosen)
-    if key != classless and tuner.known(key) is None:
-        rates: dict[str, list[float]] = {}
-        for other in tuner.known_with_prefix(classless + "|gathered~"):
-            for name, ms in other.ms_per_1000_images.items():
-                rates.setdefault(name, []).append(ms)
-        fixed = {name: min(ms) for name, ms in rates.items() if name in chosen and name not in MASK_DEPENDENT}
-        if fixed:
-            best = min(fixed, key=fixed.get)
-            probed = {name: p for name, p in chosen.items() if name in MASK_DEPENDENT or name == best}
+    rates: dict[str, list[float]] = {}
+    if tuner.known(key) is None:
+        inferred = _inferred_from_other_classes(tuner, key, classless, chosen)
+        if inferred is not None:
+            return tuner.remember(key, inferred, inferred.source)
+        if key != classless:
+            for other in tuner.known_with_prefix(classless + "|gathered~").values():
+                for name, ms in other.ms_per_1000_images.items():
+                    rates.setdefault(name, []).append(ms)
+            fixed = {name: min(ms) for name, ms in rates.items() if name in chosen and name not in MASK_DEPENDENT}
+            if fixed:
+                best = min(fixed, key=fixed.get)
+                probed = {name: p for name, p in chosen.items() if name in MASK_DEPENDENT or name == best}
+        shapes = "|" + shape_key(step.x64.shape[1], step.x64.shape[0], num, chunk_size) + "|"
+        slow = _measured_far_slower(tuner, shapes, chunk_size is None, probed)
+        if slow and len(slow) < len(probed):
+            log.info("not timed again for %s: %s", key, "; ".join(slow.values()))
+            probed = {name: p for name, p in probed.items() if name not in slow}
+        if len(probed) > 1 and any(name.startswith("int8") for name in probed):
+            kernels["float64"].images.quad_digits()
     return tuner.choose(key, kernel_probes(kernels, probed, step, chunk_size), num, step.x64.shape[0],
-                        {name: kernels[name].probe_min_images for name in probed})
+                        {name: kernels[name].probe_floor(step, probed[name], chunk_size) for name in probed},
+                        {name: kernels[name].fixed_cost_calls(step, probed[name], chunk_size) for name in probed},
+                        {name: min(ms) / 1e6 for name, ms in rates.items()})
+
+
+def _gathered_class(key: str) -> int:
+    return int(key.rsplit("|gathered~2^", 1)[1])
+
+
+def _inferred_from_other_classes(tuner: KernelTuner, key: str, classless: str,
+                                 chosen: dict[str, Precision]) -> Decision | None:
+    """The decision of a new ``gathered`` class that measured classes imply, or None.
+    ``int8_gather`` multiplies the gathered share of the dense work, the other candidates (not
+    mask-dependent) the same work at every class: if it lost at a class of a smaller share, it
+    loses here to the same kernel, and if it won at a class of a larger share, it wins here —
+    where the measured margin was at least ``INFER_MARGIN`` (a near tie is a coin toss of this
+    VM's drift and decides nothing beyond its class). A class between a win and a loss, or
+    measured both ways, is measured."""
+    from locality.models.autotune import Decision
+
+    if key == classless or any(name in MASK_DEPENDENT and name != "int8_gather" for name in chosen):
+        return None
+    here = _gathered_class(key)
+    wins, losses = [], []
+    for other_key, other in tuner.known_with_prefix(classless + "|gathered~").items():
+        there, rates = _gathered_class(other_key), other.ms_per_1000_images
+        gather, rest = rates.get("int8_gather"), [ms for name, ms in rates.items() if name != "int8_gather"]
+        if gather is None or not rest:
+            continue  # not measured (inferred itself, or a single candidate)
+        if other.kernel == "int8_gather" and there > here and min(rest) >= INFER_MARGIN * gather:
+            wins.append(other_key)
+        elif (other.kernel != "int8_gather" and other.kernel in chosen and there < here
+              and gather >= INFER_MARGIN * rates[other.kernel]):
+            losses.append((there, other_key, other.kernel))
+    if wins and not losses:
+        return Decision("int8_gather", {}, 0, 0.0, f"inferred: int8_gather won at {min(wins)}, a larger share")
+    if losses and not wins:
+        _, other_key, kernel = max(losses)  # the nearest class below
+        return Decision(kernel, {}, 0, 0.0, f"inferred: int8_gather lost to {kernel} at {other_key}, a smaller share")
+    return None
+
+
+def _measured_far_slower(tuner: KernelTuner, shapes: str, unchunked: bool, names) -> dict[str, str]:
+    """{name: why} of the kernels among ``names`` that a remembered pca_locality decision of
+    these ``shapes`` measured more than SKIP_FACTOR times slower per image than another of
+    ``names``."""
+    slow: dict[str, str] = {}
+    for key, other in tuner.known_with_prefix("pca_locality|").items():
+        if shapes not in key + "|" or (unchunked and "|chunk=" in key):
+            continue
+        rates = {name: ms for name, ms in other.ms_per_1000_images.items() if name in names}
+        if len(rates) < 2:
+            continue
+        fastest = min(rates, key=rates.get)
+        for name, ms in rates.items():
+            if ms > SKIP_FACTOR * rates[fastest] and name not in slow:
+                slow[name] = (f"{name} ({ms:.1f} ms per 1000 images against {rates[fastest]:.1f} for {fastest} "
+                              f"at {key})")
+    return slow
 
 
 def int8_sums_exact(backend: str, device: torch.device | str) -> bool:
