@@ -142,9 +142,10 @@ class _Track:
     def next_images(self, total: int) -> int:
         """The next count: toward the one where the kernel is judged, predicted from its cost per
         added image so far, or its known rate before its first round (25 % beyond it), at least
-        2x and at most GROWTH² times the last; GROWTH times without a cost per image yet; straight to its floor where that call is predicted
-        to take at most JUMP_MAX_S. A kernel that turns out slow costs at most GROWTH² its last
-        call (or JUMP_MAX_S, mispredicted by its cost per image) before the drop rule sees it."""
+        2x and at most GROWTH² times the last (GROWTH times without a cost per image yet), or
+        straight to its floor where that call is predicted to take at most JUMP_MAX_S. A kernel
+        that turns out slow costs at most GROWTH² its last call (or JUMP_MAX_S, mispredicted by
+        its cost per image) before the drop rule sees it."""
         want = max(MIN_TIMED_S, 0.0 if self.floor else 2 * self.base_seconds)
         slope = (_added_image_rate(self.seconds, self.images, self.base_seconds, self.base_images)
                  if self.images > self.base_images else self.known_rate)
