@@ -72,6 +72,7 @@ class Contender:
     steps: list
     step_kernels: dict
     result: object = None
+    probe_s: float = 0.0  # kernel measuring during its own runs (its model's tuner)
 
 
 def _vm_hwm_bytes() -> int:
@@ -108,6 +109,9 @@ def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, setti
         contenders += rivals
     report.update(measure_sampling(contenders, tuple(images.shape[1:]), settings, device))
     report.update(kernel_choices(model))
+    if hasattr(model, "tuner"):  # the default's own measuring (its first run), not the rivals'
+        report["kernel_probe_s_all"] = report["kernel_probe_s"]
+        report["kernel_probe_s"] = contenders[0].probe_s
     if settings.check_samples > 0:
         main = contenders[0]
         report.update(deviation_report(name, main.params, images, stats, main.result, settings, device))
@@ -255,10 +259,14 @@ def sample_alternating(contenders: list[Contender], shape: tuple[int, ...], sett
                 if getattr(model, "last_kernel", None) is not None:
                     c.step_kernels[int(t)] = str(model.last_kernel)
 
+            tuner = getattr(model, "tuner", None)
+            probed = tuner.probe_seconds_total if tuner is not None else 0.0
             result = sample(model, num_samples=settings.num_samples, image_shape=shape,
                             num_steps=settings.num_steps, seed=settings.seed, batch_size=settings.batch_size,
                             device=device, clip_x0=settings.clip_x0,
                             keep_trajectory=c is contenders[0] and settings.check_samples > 0, on_step=record)
+            if tuner is not None:
+                c.probe_s += tuner.probe_seconds_total - probed
             c.totals.append(result.total_time_s)
             c.steps.append(result.step_times_s)
             c.result = result if c is contenders[0] else None

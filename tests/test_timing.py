@@ -34,7 +34,8 @@ def test_bench_app_writes_its_report(tmp_path, fmnist_train):
     assert report["statistics_fit_s"] > 0 and report["mask_build_s"] >= 0
     int8 = {f"int8_{b}x{d}" for d in range(1, 6) for b in ("intmm", "onednn", "gather")}
     assert set(report["step_kernels"].values()) <= {"float32", "float64", "sparse"} | int8
-    assert report["kernel_probe_s"] >= 0 and report["cpu"]
+    # a fresh kernel store: the default measured in its first run; the forced kernels' models too
+    assert 0 < report["kernel_probe_s"] <= report["kernel_probe_s_all"] and report["cpu"]
     assert len(report["max_abs_dev_per_step"]) == 4
     assert report["max_abs_dev_vs_float64"] < 1e-4
     rows = {row["kernel"]: row for row in report["kernel_table"]}
