@@ -108,10 +108,7 @@ def benchmark(name: str, params: dict, images: torch.Tensor, dataset: str, setti
         rivals, skipped = kernel_contenders(name, params, images, stats, model, settings)
         contenders += rivals
     report.update(measure_sampling(contenders, tuple(images.shape[1:]), settings, device))
-    report.update(kernel_choices(model))
-    if hasattr(model, "tuner"):  # the default's own measuring (its first run), not the rivals'
-        report["kernel_probe_s_all"] = report["kernel_probe_s"]
-        report["kernel_probe_s"] = contenders[0].probe_s
+    report.update(kernel_choices(model, contenders[0].probe_s))
     if settings.check_samples > 0:
         main = contenders[0]
         report.update(deviation_report(name, main.params, images, stats, main.result, settings, device))
@@ -155,13 +152,16 @@ def measure_sampling(contenders: list[Contender], shape: tuple[int, ...], settin
     return report
 
 
-def kernel_choices(model) -> dict:
-    """What a model that chooses kernels planned and how long it spent measuring them."""
+def kernel_choices(model, own_probe_s: float) -> dict:
+    """What a model that chooses kernels planned and how long it spent measuring them during its
+    own runs (``own_probe_s``: its first run's measuring), and its tuner in all (with the
+    forced kernels' models and the kernel table's rates, which share it)."""
     report = {}
     if hasattr(model, "planned_strategies"):
         report["strategies"] = model.planned_strategies()
     if hasattr(model, "tuner"):
-        report["kernel_probe_s"] = model.tuner.probe_seconds_total
+        report["kernel_probe_s"] = own_probe_s
+        report["kernel_probe_s_all"] = model.tuner.probe_seconds_total
     return report
 
 

@@ -28,7 +28,7 @@ import torch
 
 from locality.models.memory import Workspace, chunk_rows, memory_budget
 from locality.models.pca_locality.int8 import (
-    Int8Images, Int8Kernel, fastest_accepted, int_mm_chunk, int_mm_padded, to_digits,
+    Int8Images, Int8Kernel, fastest_accepted, int_mm_chunk, int_mm_padded, int_mm_width, to_digits,
 )
 from locality.models.pca_locality.kernel import Precision, Step
 from locality.models.pca_locality.plan import MaskPlan
@@ -136,6 +136,12 @@ def output_groups(sets: list[tuple[torch.Tensor, bool]], size: int, device: torc
     return out
 
 
+def cublas_layout(rows: int, cublas_shapes: bool) -> tuple[int, int]:
+    """(alignment of the gathered column sets, rows of the digit activations) for ``rows`` =
+    digits·B: cuBLAS's int8 GEMM wants operands in multiples of 8 and more than 16 rows."""
+    return (8, max(rows, 17)) if cublas_shapes else (1, rows)
+
+
 def gather_chunk_images(count: int, sets: list, n: int, n_pad: int, act_rows: int, item: int,
                         device: torch.device, chunk_size: int | None) -> int:
     """Images per chunk of :func:`gather_step` over ``count`` images: what the memory budget
@@ -161,7 +167,8 @@ def gather_step(side: GatheredImages, values: torch.Tensor, plan: MaskPlan, x64:
     batch, n = x64.shape
     device = x64.device
     count = side.count
-    align = 8 if side.cublas_shapes else 1
+    rows = digits * batch
+    align, act_rows = cublas_layout(rows, side.cublas_shapes)
     sets = plan.gather_columns(align)
     mask_codes = plan.dense_mask(torch.int8)
     n_pad = side.dense.codes.shape[1]
@@ -170,8 +177,6 @@ def gather_step(side: GatheredImages, values: torch.Tensor, plan: MaskPlan, x64:
     cross_scale = scale * 2 * a * 2 / 255  # s·2a·(2/255), times δ
     quad_scale = scale * a * a * 4 / 255**2  # s·a²·(2/255)²
     xd, delta = to_digits(x64 - a / 255.0, digits)  # [p, B, n] int8
-    rows = digits * batch
-    act_rows = max(rows, 17) if side.cublas_shapes else rows  # cuBLAS wants more than 16 rows
     act = torch.zeros(act_rows, n + 1, dtype=torch.int8, device=device)  # rows (j, b); column n: zeros
     act[:rows, :n] = xd.reshape(rows, n)
     full_act = torch.nn.functional.pad(act[:, :n], (0, n_pad - n)) if n_pad > n else act[:, :n].contiguous()
@@ -241,12 +246,11 @@ class Int8GatherKernel(Int8Kernel):
     def step_chunk(self, step: Step, precision: Precision, chunk_size: int | None) -> int:
         """Images per chunk of :func:`gather_step` over all images."""
         batch, n = step.x64.shape
-        cuda = self.images.device.type == "cuda"
-        rows = precision.digits * batch
+        # as build() and gather_step() make them: cuBLAS's shapes on CUDA, the int_mm codes' width
+        align, act_rows = cublas_layout(precision.digits * batch, self.images.device.type == "cuda")
         item = torch.tensor([], dtype=precision.dtype).element_size()
-        return gather_chunk_images(self.images.count, step.plan.gather_columns(8 if cuda else 1), n,
-                                   n + (-n) % 8, max(rows, 17) if cuda else rows, item, self.images.device,
-                                   chunk_size)
+        return gather_chunk_images(self.images.count, step.plan.gather_columns(align), n, int_mm_width(n), act_rows,
+                                   item, self.images.device, chunk_size)
 
     def build(self, count: int) -> GatheredImages:
         codes = self.images.codes()

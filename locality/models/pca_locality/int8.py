@@ -131,7 +131,7 @@ class Int8Images:
         n = codes.shape[1]
         self.backend = backend
         self.layout = layout
-        pad = (-n) % 8 if backend == "int_mm" else 0
+        pad = int_mm_width(n) - n if backend == "int_mm" else 0
         self.codes = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
         if quad is None:
             self.high, self.low = quad_digits(self.codes)
@@ -156,6 +156,12 @@ class Int8Images:
                 out.append((start, stop, *parts))
             self._chunks = {size: out}  # one chunking at a time: prepacked weights are big
         return self._chunks[size]
+
+
+def int_mm_width(n: int) -> int:
+    """Values per image of the int_mm codes: n rounded up to a multiple of 8 (cuBLAS's int8
+    GEMM wants it; the padded columns are zeros)."""
+    return n + (-n) % 8
 
 
 def int_mm_chunk(size: int, chunk_size: int | None, backend: str = "int_mm") -> int:
